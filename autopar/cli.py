@@ -1,0 +1,210 @@
+"""The ``autopar`` console script: a thin shell over the Python API.
+
+One flag per config field; every command maps errors to exit codes a script can test:
+0 ok, 2 bad input (unknown model, topology, malformed file), 3 infeasible (does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from autopar.errors import AutoparError, ConfigError, InfeasibleError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2, 3
+FIXED_FLAGS = (
+    "dp",
+    "tp",
+    "pp",
+    "microbatches",
+    "micro_batch_size",
+    "recompute",
+    "zero",
+    "schedule",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The complete flag set (frozen by tests/cli/test_cli_options.py)."""
+    parser = argparse.ArgumentParser(
+        prog="autopar",
+        description="Find, explain and apply a parallel training plan for a PyTorch model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plan", help="search the best plan for a model on a cluster and print it")
+    p.add_argument("model", help="zoo name (see `autopar models`), family:k=v,..., a YAML file, "
+                   "or package.module:factory")  # fmt: skip
+    p.add_argument("--cluster", required=True, help="shipped topology name or a topology YAML path")
+    p.add_argument("--nodes", type=int, default=None, help="number of hosts (default: the file's)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step (default 512)")  # fmt: skip
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "sgd_momentum"), default="adam")
+    p.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
+    p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    p.add_argument("--time-limit", type=float, default=None, help="search time budget, seconds")
+    p.add_argument("--emit", choices=("torchtitan", "megatron"), default=None,
+                   help="print the plan as that framework's configuration")  # fmt: skip
+    fixed = p.add_argument_group("fix part of the plan (price your current setup)")
+    fixed.add_argument("--dp", type=int, default=None, help="data-parallel degree")
+    fixed.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+    fixed.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree")
+    fixed.add_argument("--microbatches", type=int, default=None, help="microbatches per step")
+    fixed.add_argument(
+        "--micro-batch-size", type=int, default=None, help="sequences per microbatch"
+    )
+    fixed.add_argument("--recompute", choices=("none", "selective", "full"), default=None)
+    fixed.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage")
+    fixed.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved_1f1b"), default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+
+    e = sub.add_parser("explain", help="re-render a saved plan")
+    e.add_argument("plan", type=Path, help="plan JSON written by `autopar plan --json`")
+    e.add_argument("--emit", choices=("torchtitan", "megatron"), default=None)
+
+    sub.add_parser("models", help="list the built-in models with parameter counts")
+
+    t = sub.add_parser("topology", help="inspect cluster topologies")
+    tsub = t.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    ts = tsub.add_parser("show", help="hosts, devices, links and priced collectives")
+    ts.add_argument("name", help="shipped topology name or a topology YAML path")
+    ts.add_argument("--nodes", type=int, default=None)
+    tsub.add_parser("list", help="list the shipped topologies")
+
+    c = sub.add_parser("calibrate", help="measure collectives here and write a fitted profile")
+    c.add_argument("--output", type=Path, default=None, help="profile YAML to write")
+    c.add_argument("--max-bytes", type=int, default=1 << 24, help="largest message size")
+    c.add_argument("--repeats", type=int, default=5, help="timed repetitions per size")
+
+    la = sub.add_parser("launch", help="run a training script with torchrun sized from a plan")
+    la.add_argument("plan", type=Path)
+    la.add_argument("--dry-run", action="store_true", help="print the torchrun line only")
+    la.add_argument("script", nargs=argparse.REMAINDER, help="-- train_script.py [args]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except InfeasibleError as e:
+        print(f"autopar: infeasible: {e}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except ConfigError as e:
+        print(f"autopar: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AutoparError as e:
+        print(f"autopar: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("autopar: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autopar.config import TrainingConfig
+    from autopar.explain import emit, render
+    from autopar.models import parse_model_spec
+    from autopar.solver.search import search
+    from autopar.topology.load import load_cluster
+
+    cluster = load_cluster(args.cluster, nodes=args.nodes)
+    overrides = {"seq_len": args.seq} if args.seq else {}
+    model = parse_model_spec(args.model, **overrides)
+    config = TrainingConfig(
+        global_batch=args.global_batch if args.global_batch is not None else 512,
+        seq_len=args.seq,
+        dtype=args.dtype,
+        optimizer=args.optimizer,
+    )
+    fixed = {k: getattr(args, k) for k in FIXED_FLAGS if getattr(args, k) is not None}
+    plan = search(
+        model,
+        cluster,
+        config,
+        fixed=fixed or None,
+        top_k=args.top,
+        time_limit_s=args.time_limit,
+        progress=not args.quiet,
+    )
+    print(emit(plan, args.emit) if args.emit else render(plan))
+    if args.json is not None:
+        plan.to_json(args.json)
+        print(f"\nplan written to {args.json}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from autopar.explain import emit, render
+    from autopar.plan import Plan
+
+    plan = Plan.from_json(args.plan)
+    print(emit(plan, args.emit) if args.emit else render(plan))
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from autopar.models import list_models
+
+    rows = list_models()
+    print(f"{'name':<14} {'family':<8} {'parameters':>12}")
+    for row in rows:
+        print(f"{row['name']:<14} {row['family']:<8} {_human_count(row['params']):>12}")
+    print("\nParametric families: " + ", ".join(sorted({r["family"] for r in rows}))
+          + "  (e.g. gpt:layers=48,hidden=8192,heads=64)")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_topology(args: argparse.Namespace) -> int:
+    from autopar.topology.load import load_cluster, shipped_topologies
+
+    if args.topology_command == "list":
+        for name in shipped_topologies():
+            print(name)
+        return EXIT_OK
+    print(load_cluster(args.name, nodes=args.nodes).describe())
+    return EXIT_OK
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from autopar.cost.calibrate import calibrate_main
+
+    return calibrate_main(output=args.output, max_bytes=args.max_bytes, repeats=args.repeats)
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from autopar.emit.launch import launch
+
+    script = list(args.script)
+    if script and script[0] == "--":
+        script = script[1:]
+    if not script:
+        raise ConfigError("missing the training script: autopar launch PLAN.json -- train.py [args]",
+                          field="script")  # fmt: skip
+    return launch(args.plan, script, dry_run=args.dry_run)
+
+
+def _human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+_COMMANDS = {
+    "plan": _cmd_plan,
+    "explain": _cmd_explain,
+    "models": _cmd_models,
+    "topology": _cmd_topology,
+    "calibrate": _cmd_calibrate,
+    "launch": _cmd_launch,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
