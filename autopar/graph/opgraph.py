@@ -7,12 +7,21 @@ aten operator, edges carrying the tensor that flows. Nothing here knows about de
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import networkx as nx
 
-__all__ = ["TensorMeta", "TensorArg", "OpNode", "OpGraph", "NodeKind", "DTYPE_ITEMSIZE"]
+__all__ = [
+    "TensorMeta",
+    "TensorArg",
+    "OpNode",
+    "OpGraph",
+    "NodeKind",
+    "DTYPE_ITEMSIZE",
+    "arg_leaves",
+    "map_arg_leaves",
+]
 
 NodeKind = Literal["input", "param", "buffer", "op", "output"]
 
@@ -86,6 +95,35 @@ class OpNode:
         return self.outputs[0] if self.outputs else None
 
 
+def arg_leaves(args: Any) -> list[Any]:
+    """Leaves of nested list/tuple arguments, depth first (the indexing ``batch_args`` uses)."""
+    out: list[Any] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, list | tuple):
+            for x in a:
+                walk(x)
+        else:
+            out.append(a)
+
+    walk(args)
+    return out
+
+
+def map_arg_leaves(args: Any, fn: Any) -> Any:
+    """``args`` with leaf ``i`` (in ``arg_leaves`` order) replaced by ``fn(i, leaf)``."""
+    counter = [0]
+
+    def walk(a: Any) -> Any:
+        if isinstance(a, list | tuple):
+            return type(a)(walk(x) for x in a) if type(a) in (list, tuple) else [walk(x) for x in a]
+        i = counter[0]
+        counter[0] += 1
+        return fn(i, a)
+
+    return walk(args)
+
+
 @dataclass(eq=False)
 class OpGraph:
     """Typed view over a ``networkx.DiGraph`` whose nodes hold ``OpNode`` under key ``"op"``.
@@ -150,3 +188,80 @@ class OpGraph:
         """The induced sub-graph on ``names`` (edges from outside nodes are dropped)."""
         sub = self.nx_graph.subgraph(list(names)).copy()
         return OpGraph(sub, name=name or self.name, batch_size=self.batch_size)
+
+    # -- re-sizing ----------------------------------------------------------------------------
+    def with_batch(self, n: int) -> OpGraph:
+        """The same graph re-stated for batch ``n``: shapes, bytes and FLOPs, without re-tracing.
+
+        Every tensor's ``batch_dim`` is scaled by ``n / batch_size`` (rounded up, for sizes such
+        as an MoE expert capacity that are not exactly proportional), FLOPs of ops touching a
+        batched tensor scale linearly, and the integer arguments the tracer saw change with the
+        batch (view/expand sizes, an MoE capacity) are scaled the same way.
+        Needs batch dims from the tracer (``trace(..., detect_batch=True)``, the default).
+        """
+        from autopar.errors import ConfigError, TraceError
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {n!r}", field="batch")
+        if n == self.batch_size:
+            return self
+        if not self.metadata.get("batch_dims_known", False):
+            raise TraceError(
+                f"graph '{self.name}' has no batch dims; trace it with detect_batch=True "
+                "(the default) or trace again at the batch size you need"
+            )
+        old = self.batch_size
+        cache: dict[int, TensorMeta] = {}
+
+        def scale(meta: TensorMeta) -> TensorMeta:
+            hit = cache.get(id(meta))
+            if hit is not None:
+                return hit
+            if meta.batch_dim is None:
+                new = meta
+            else:
+                d = meta.batch_dim
+                shape = list(meta.shape)
+                shape[d] = -(-shape[d] * n // old)
+                new = replace(meta, shape=tuple(shape))
+            cache[id(meta)] = new
+            return new
+
+        ratio = n / old
+        batch_args: dict[str, tuple[int, ...]] = self.metadata.get("batch_args", {})
+
+        def scale_args(name: str, args: tuple) -> tuple:
+            """Scalar arguments the tracer saw change with the batch (e.g. an MoE capacity)."""
+            idx = batch_args.get(name)
+            if not idx:
+                return args
+            wanted = set(idx)
+            return map_arg_leaves(
+                args, lambda i, x: -(-x * n // old) if i in wanted and isinstance(x, int) else x
+            )
+
+        g = nx.DiGraph()
+        for name, data in self.nx_graph.nodes(data=True):
+            op: OpNode = data["op"]
+            outputs = tuple(scale(t) for t in op.outputs)
+            input_metas = tuple(scale(t) for t in op.input_metas)
+            batched = any(t.batch_dim is not None for t in (*op.outputs, *op.input_metas))
+            new_op = replace(
+                op,
+                outputs=outputs,
+                input_metas=input_metas,
+                args=scale_args(name, op.args),
+                fwd_flops=op.fwd_flops * ratio if batched else op.fwd_flops,
+                bwd_flops=op.bwd_flops * ratio if batched else op.bwd_flops,
+            )
+            g.add_node(name, **{**data, "op": new_op})
+        for u, v, data in self.nx_graph.edges(data=True):
+            attrs = dict(data)
+            if isinstance(attrs.get("tensor"), TensorMeta):
+                attrs["tensor"] = scale(attrs["tensor"])
+            g.add_edge(u, v, **attrs)
+        metadata = {
+            **self.metadata,
+            "traced_batch_size": self.metadata.get("traced_batch_size", old),
+        }
+        return OpGraph(g, name=self.name, batch_size=n, metadata=metadata)

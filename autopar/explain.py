@@ -1,0 +1,324 @@
+"""Turn a Plan into words: the CLI's plan text and launcher flags for other frameworks.
+
+Imports nothing from the solver: everything printed is already in the Plan, so a plan read
+back from JSON renders exactly like a freshly searched one.
+
+``emit`` writes the plan in the vocabulary of another trainer and says, in comments, what that
+trainer cannot express (checked against torchtitan ``torchtitan/config/job_config.py`` and
+Megatron-LM ``megatron/training/arguments.py``):
+
+* torchtitan: ``[parallelism]`` data_parallel_replicate_degree / data_parallel_shard_degree
+  (DDP vs FSDP2 = ZeRO-3), tensor_parallel_degree, pipeline_parallel_degree,
+  pipeline_parallel_schedule ("GPipe", "1F1B", "Interleaved1F1B"),
+  pipeline_parallel_microbatch_size, pipeline_parallel_split_points (unequal stages),
+  ``[training]`` local_batch_size / global_batch_size / seq_len,
+  ``[activation_checkpoint]`` mode ("none", "selective", "full"). FSDP2 shards everything, so
+  ZeRO-1 and ZeRO-2 have no exact equivalent (ZeRO-2 ~ fsdp_reshard_after_forward = "never").
+* Megatron-LM: --tensor-model-parallel-size, --pipeline-model-parallel-size,
+  --num-layers-per-virtual-pipeline-stage, --micro-batch-size, --global-batch-size,
+  --sequence-parallel, --recompute-granularity / --recompute-method / --recompute-num-layers,
+  --use-distributed-optimizer (ZeRO-1: optimizer state sharded over data parallel),
+  --decoder-first/last-pipeline-num-layers (unequal first/last stages). No ZeRO-3 in the
+  classic trainer; per-parameter placements are fixed by Megatron's layer classes.
+"""
+
+from __future__ import annotations
+
+from autopar.errors import ConfigError
+from autopar.plan import Alternative, Plan
+
+__all__ = ["render", "emit", "EMIT_FORMATS"]
+
+GiB = 1024**3
+EMIT_FORMATS = ("torchtitan", "megatron")
+
+
+# ---------------------------------------------------------------------------------------------
+# text rendering
+# ---------------------------------------------------------------------------------------------
+def _fmt_s(seconds: float) -> str:
+    if seconds >= 1.0:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def _layer_span(layers: tuple[str, ...]) -> str:
+    """Compact ``embed, layers.0-11`` style summary of a stage's layer names."""
+    out: list[str] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if run:
+            out.append(f"layers.{run[0]}" if len(run) == 1 else f"layers.{run[0]}-{run[-1]}")
+            run.clear()
+
+    for name in layers:
+        head, _, tail = name.partition(".")
+        if head == "layers" and tail.isdigit():
+            idx = int(tail)
+            if run and idx != run[-1] + 1:
+                flush()
+            run.append(idx)
+        else:
+            flush()
+            out.append(name)
+    flush()
+    return ", ".join(out)
+
+
+def _device_span(devices: tuple[int, ...]) -> str:
+    if not devices:
+        return "-"
+    if list(devices) == list(range(devices[0], devices[0] + len(devices))):
+        return f"ranks {devices[0]}-{devices[-1]}" if len(devices) > 1 else f"rank {devices[0]}"
+    shown = ",".join(str(d) for d in devices[:8])
+    return f"ranks {shown}{',...' if len(devices) > 8 else ''} ({len(devices)})"
+
+
+def _alt_row(a: Alternative) -> str:
+    p = a.parallel
+    return (
+        f"  {p.dp:>4} {p.tp:>3} {p.pp:>3}  {a.micro_batch_size:>3} {a.microbatches:>5}  "
+        f"{a.schedule:<16} {a.zero_stage:>4}  {a.recompute:<9} {_fmt_s(a.step_time_s):>10}  "
+        f"{a.memory_gib_per_device:>6.1f}  {a.why}"
+    )
+
+
+def render(plan: Plan) -> str:
+    """The plan as the CLI prints it: what was chosen, what it costs, and what it beat."""
+    p = plan.parallel
+    lines = [
+        f"autopar plan for {plan.model} on {plan.cluster} ({plan.num_devices} devices)",
+        f"  batch {plan.global_batch} x seq {plan.seq_len}, {plan.dtype}",
+        "",
+        f"parallelism  dp={p.dp} tp={p.tp} pp={p.pp}",
+        f"mesh         {tuple(plan.mesh.shape)} over {tuple(plan.mesh.dim_names)}",
+    ]
+    if plan.mesh.host_mapping:
+        lines.append(f"host mapping {plan.mesh.host_mapping}")
+    lines.append(
+        f"microbatches {plan.microbatches} x {plan.micro_batch_size} sequences per data-parallel rank"
+    )
+    sched = plan.schedule
+    if plan.virtual_stages > 1:
+        sched += f" (v={plan.virtual_stages} chunks per device)"
+    lines += [
+        f"schedule     {sched}",
+        f"ZeRO         stage {plan.zero_stage}",
+        f"recompute    {plan.recompute}"
+        + ("   sequence parallel: on" if plan.sequence_parallel else ""),
+        "",
+        f"stages ({len(plan.stages)}):",
+    ]
+    for i, st in enumerate(plan.stages):
+        lines.append(f"  {i:>3}  {_device_span(st.devices):<22} {_layer_span(st.layers)}")
+
+    pred = plan.predicted
+    if pred is not None:
+        mem = pred.memory
+        cap = mem.capacity / GiB if mem.capacity else 0.0
+        lines += [
+            "",
+            "predicted:",
+            f"  step time        {_fmt_s(pred.step_time_s)}",
+            f"  tokens/s         {pred.tokens_per_s:,.0f}",
+            f"  TFLOP/s/device   {pred.tflops_per_device:.1f}   (model FLOPs, recompute not counted)",
+            f"  MFU              {pred.mfu * 100:.1f}%",
+            f"  memory/device    {pred.memory_gib_per_device:.1f} GiB of {cap:.1f} GiB usable",
+            "",
+            "time per step (exposed):",
+        ]
+        b = pred.breakdown
+        total = max(pred.step_time_s, 1e-30)
+        for name, val in (
+            ("compute", b.compute),
+            ("recompute", b.recompute),
+            ("tensor-parallel comm", b.tp_comm),
+            ("pipeline bubble", b.pp_bubble),
+            ("pipeline p2p", b.pp_comm),
+            ("data-parallel comm", b.dp_comm),
+        ):
+            lines.append(f"  {name:<22} {_fmt_s(val):>10}  {100 * val / total:5.1f}%")
+        lines.append(f"  {'overlapped comm':<22} {_fmt_s(b.overlapped_comm):>10}  (hidden)")
+        lines.append("memory per device (most loaded stage):")
+        for name, val in (
+            ("weights", mem.weights),
+            ("gradients", mem.grads),
+            ("optimizer", mem.optimizer),
+            ("activations", mem.activations),
+            ("other", mem.other),
+        ):
+            lines.append(f"  {name:<22} {val / GiB:>8.2f} GiB")
+    if plan.alternatives:
+        lines += [
+            "",
+            "runners-up (why they lost):",
+            "    dp  tp  pp  mbs   #mb  schedule         ZeRO  recompute       step  GiB/dev",
+        ]
+        lines += [_alt_row(a) for a in plan.alternatives]
+    if plan.landscape:
+        lines += ["", "best per (dp, tp, pp):"]
+        lines += [
+            f"  dp={a.parallel.dp:<4} tp={a.parallel.tp:<2} pp={a.parallel.pp:<3} "
+            f"{_fmt_s(a.step_time_s):>10}  {a.why}"
+            for a in sorted(plan.landscape, key=lambda a: a.step_time_s)
+        ]
+    if plan.solver:
+        s = plan.solver
+        parts = [f"{k}={v}" for k, v in s.items() if not isinstance(v, dict | list)]
+        lines += ["", "solver: " + ", ".join(parts)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# emitters
+# ---------------------------------------------------------------------------------------------
+_TITAN_SCHEDULE = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B"}
+
+
+def _stage_first_blocks(plan: Plan) -> list[str]:
+    """The first ``layers.i`` of stages 1..: torchtitan split points, in order."""
+    points = []
+    for st in plan.stages[1:]:
+        blocks = [n for n in st.layers if n.startswith("layers.")]
+        if blocks:
+            points.append(blocks[0])
+    return points
+
+
+def _blocks_per_stage(plan: Plan) -> list[int]:
+    return [sum(1 for n in st.layers if n.startswith("layers.")) for st in plan.stages]
+
+
+def _emit_torchtitan(plan: Plan) -> str:
+    p = plan.parallel
+    zero = plan.zero_stage
+    notes: list[str] = []
+    if zero == 0:
+        replicate, shard = p.dp, 1
+    else:
+        replicate, shard = 1, p.dp
+        if zero in (1, 2) and p.dp > 1:
+            notes.append(
+                f"ZeRO-{zero} has no exact torchtitan equivalent: FSDP2 shards weights too "
+                "(ZeRO-3); reshard_after_forward='never' keeps ZeRO-2's communication volume"
+            )
+    local_batch = plan.global_batch // max(1, p.dp)
+    lines = ["# autopar plan -> torchtitan job config"]
+    lines += [f"# NOTE: {n}" for n in notes]
+    lines += [
+        "[training]",
+        f"local_batch_size = {local_batch}",
+        f"global_batch_size = {plan.global_batch}",
+        f"seq_len = {plan.seq_len}",
+        "",
+        "[parallelism]",
+        f"data_parallel_replicate_degree = {replicate}",
+        f"data_parallel_shard_degree = {shard}",
+    ]
+    if zero in (1, 2) and p.dp > 1:
+        lines.append('fsdp_reshard_after_forward = "never"')
+    lines += [
+        f"tensor_parallel_degree = {p.tp}",
+        f"pipeline_parallel_degree = {p.pp}",
+    ]
+    if p.pp > 1:
+        lines += [
+            f'pipeline_parallel_schedule = "{_TITAN_SCHEDULE.get(plan.schedule, plan.schedule)}"',
+            f"pipeline_parallel_microbatch_size = {plan.micro_batch_size}",
+        ]
+        points = _stage_first_blocks(plan)
+        if points and plan.virtual_stages == 1:
+            lines.append(
+                "pipeline_parallel_split_points = [" + ", ".join(f'"{x}"' for x in points) + "]"
+            )
+        elif plan.virtual_stages > 1:
+            blocks = sum(_blocks_per_stage(plan))
+            per = blocks // (p.pp * plan.virtual_stages)
+            lines.append(f"pipeline_parallel_layers_per_stage = {per}")
+    elif plan.microbatches > 1:
+        lines.append(
+            f"# gradient accumulation: {plan.microbatches} microbatches of {plan.micro_batch_size}"
+        )
+    lines += [
+        "",
+        "[activation_checkpoint]",
+        f'mode = "{plan.recompute}"',
+    ]
+    if plan.recompute == "selective":
+        lines.append('selective_ac_option = "op"')
+    if plan.sequence_parallel:
+        lines.append("# sequence parallelism is applied by torchtitan together with tensor parallel")
+    return "\n".join(lines) + "\n"
+
+
+def _emit_megatron(plan: Plan) -> str:
+    p = plan.parallel
+    args = [
+        f"--tensor-model-parallel-size {p.tp}",
+        f"--pipeline-model-parallel-size {p.pp}",
+    ]
+    notes: list[str] = []
+    blocks = _blocks_per_stage(plan)
+    if p.pp > 1 and plan.virtual_stages > 1:
+        per = sum(blocks) // (p.pp * plan.virtual_stages)
+        args.append(f"--num-layers-per-virtual-pipeline-stage {per}")
+    elif p.pp > 1 and len(set(blocks)) > 1:
+        first, last, middle = blocks[0], blocks[-1], blocks[1:-1]
+        if len(set(middle)) <= 1:
+            args.append(f"--decoder-first-pipeline-num-layers {first}")
+            args.append(f"--decoder-last-pipeline-num-layers {last}")
+        else:
+            notes.append(
+                f"Megatron splits middle stages evenly; the plan's blocks per stage {blocks} "
+                "cannot be expressed exactly"
+            )
+    args += [
+        f"--micro-batch-size {plan.micro_batch_size}",
+        f"--global-batch-size {plan.global_batch}",
+        f"--seq-length {plan.seq_len}",
+    ]
+    if plan.sequence_parallel:
+        args.append("--sequence-parallel")
+    if plan.recompute == "full":
+        args += [
+            "--recompute-granularity full",
+            "--recompute-method uniform",
+            "--recompute-num-layers 1",
+        ]
+    elif plan.recompute == "selective":
+        args.append("--recompute-granularity selective")
+    if plan.zero_stage >= 1:
+        args.append("--use-distributed-optimizer")
+    if plan.zero_stage >= 2:
+        notes.append(
+            f"ZeRO-{plan.zero_stage}: the distributed optimizer shards optimizer state "
+            "(ZeRO-1, gradients reduce-scattered); "
+            + ("weights stay replicated" if plan.zero_stage == 3 else "close to ZeRO-2")
+        )
+    if plan.schedule == "gpipe" and p.pp > 1:
+        notes.append("Megatron always runs 1F1B (interleaved with virtual stages); GPipe not available")
+    if plan.dtype in ("bf16", "fp16"):
+        args.append(f"--{plan.dtype}")
+    notes.append(
+        "per-parameter placements come from Megatron's own layer classes "
+        "(column/row parallel Linear); autopar's placements are not passed"
+    )
+    out = ["# autopar plan -> Megatron-LM arguments"]
+    out += [f"# NOTE: {n}" for n in notes]
+    out.append(" \\\n".join(args))
+    return "\n".join(out) + "\n"
+
+
+def emit(plan: Plan, fmt: str) -> str:
+    """Launcher configuration for another framework (``"torchtitan"`` TOML or ``"megatron"`` flags).
+
+    Whatever the target cannot express is stated in ``# NOTE:`` comments, never dropped silently.
+    """
+    if fmt == "torchtitan":
+        return _emit_torchtitan(plan)
+    if fmt == "megatron":
+        return _emit_megatron(plan)
+    raise ConfigError(f"unknown emit format {fmt!r}", field="emit", allowed=EMIT_FORMATS)

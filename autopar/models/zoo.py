@@ -1,0 +1,302 @@
+"""Named model presets, ``build(name)``, ``list_models()`` and the model-spec parser.
+
+Shapes come from the papers named in ``PUBLISHED``; models are built from these configs only,
+never downloaded. Everything builds on ``meta`` by default so counting or tracing GPT-3 175B
+allocates no parameter memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autopar.errors import ConfigError
+from autopar.models.bert import bert
+from autopar.models.gpt import gpt
+from autopar.models.llama import llama
+from autopar.models.mlp import mlp
+from autopar.models.moe import moe
+from autopar.models.vit import vit
+
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "PUBLISHED",
+    "ModelInfo",
+    "build",
+    "list_models",
+    "parse_model_spec",
+    "param_count",
+]
+
+FAMILIES: Mapping[str, Callable[..., nn.Module]] = {
+    "gpt": gpt,
+    "llama": llama,
+    "bert": bert,
+    "vit": vit,
+    "moe": moe,
+    "mlp": mlp,
+}
+"""Family name -> factory taking keyword shape arguments plus ``device`` and ``dtype``."""
+
+
+def _gpt3(layers: int, hidden: int, heads: int) -> tuple[str, dict[str, Any]]:
+    return "gpt", {"layers": layers, "hidden": hidden, "heads": heads, "ffn_hidden": 4 * hidden,
+                   "vocab": 50257, "seq_len": 2048, "tie_embeddings": True}  # fmt: skip
+
+
+def _llama3(layers: int, hidden: int, heads: int, ffn: int) -> tuple[str, dict[str, Any]]:
+    return "llama", {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": 8,
+                     "ffn_hidden": ffn, "vocab": 128256, "seq_len": 8192,
+                     "rope_theta": 500000.0}  # fmt: skip
+
+
+PRESETS: Mapping[str, tuple[str, dict[str, Any]]] = {
+    # GPT-3 paper (arXiv 2005.14165) Table 2.1; 1.3B uses 16 heads of 128 (the table's 24 heads
+    # do not divide d_model 2048) and 13B d_model 5120 (40 x 128; the table prints 5140).
+    "gpt3-125m": _gpt3(12, 768, 12),
+    "gpt3-350m": _gpt3(24, 1024, 16),
+    "gpt3-760m": _gpt3(24, 1536, 16),
+    "gpt3-1.3b": _gpt3(24, 2048, 16),
+    "gpt3-2.7b": _gpt3(32, 2560, 32),
+    "gpt3-6.7b": _gpt3(32, 4096, 32),
+    "gpt3-13b": _gpt3(40, 5120, 40),
+    "gpt3-175b": _gpt3(96, 12288, 96),
+    # Llama 3 paper (arXiv 2407.21783) Table 3 and the model cards.
+    "llama3-8b": _llama3(32, 4096, 32, 14336),
+    "llama3-70b": _llama3(80, 8192, 64, 28672),
+    "llama3-405b": _llama3(126, 16384, 128, 53248),
+    # BERT paper (arXiv 1810.04805) section 3.
+    "bert-large": (
+        "bert",
+        {
+            "layers": 24,
+            "hidden": 1024,
+            "heads": 16,
+            "ffn_hidden": 4096,
+            "vocab": 30522,
+            "seq_len": 512,
+        },
+    ),  # fmt: skip
+    # ViT paper (arXiv 2010.11929) Table 1, 224x224 images with 14x14 patches.
+    "vit-h-14": (
+        "vit",
+        {
+            "layers": 32,
+            "hidden": 1280,
+            "heads": 16,
+            "ffn_hidden": 5120,
+            "image_size": 224,
+            "patch_size": 14,
+        },
+    ),  # fmt: skip
+    # GShard-style MoE on the GPT-3 1.3B shape: 8 experts in every other block, top-2 routing.
+    "moe-1.3b-8e": (
+        "moe",
+        {
+            "layers": 24,
+            "hidden": 2048,
+            "heads": 16,
+            "experts": 8,
+            "top_k": 2,
+            "moe_every": 2,
+            "vocab": 50257,
+            "seq_len": 2048,
+        },
+    ),  # fmt: skip
+    "mlp-small": ("mlp", {"layers": 4, "hidden": 1024}),
+}
+"""Preset name -> (family, factory keyword arguments)."""
+
+PUBLISHED: Mapping[str, tuple[float, str]] = {
+    "gpt3-125m": (125e6, "GPT-3 paper Table 2.1"),
+    "gpt3-350m": (350e6, "GPT-3 paper Table 2.1"),
+    "gpt3-760m": (760e6, "GPT-3 paper Table 2.1"),
+    "gpt3-1.3b": (1.3e9, "GPT-3 paper Table 2.1"),
+    "gpt3-2.7b": (2.7e9, "GPT-3 paper Table 2.1"),
+    "gpt3-6.7b": (6.7e9, "GPT-3 paper Table 2.1"),
+    "gpt3-13b": (13e9, "GPT-3 paper Table 2.1"),
+    "gpt3-175b": (175e9, "GPT-3 paper Table 2.1 (Megatron SC21: 174.6B with vocab 51200)"),
+    "llama3-8b": (8.03e9, "Llama 3 model card"),
+    "llama3-70b": (70.6e9, "Llama 3 model card"),
+    "llama3-405b": (405.9e9, "Llama 3 model card"),
+    "bert-large": (340e6, "BERT paper (rounded; Hugging Face counts 335M)"),
+    "vit-h-14": (632e6, "ViT paper Table 1"),
+}
+"""Preset name -> (published parameter count, source)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelInfo:
+    """One row of ``list_models()``."""
+
+    name: str
+    family: str
+    params: int
+    """Parameters of the built model (shared tensors counted once), counted on ``meta``."""
+    published_params: float | None
+    source: str
+
+
+def param_count(model: nn.Module) -> int:
+    """Distinct parameters of ``model`` (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _call_family(
+    family: str, kwargs: Mapping[str, Any], *, device: str | torch.device, where: str | None
+) -> nn.Module:
+    factory = FAMILIES[family]
+    allowed = [p for p in inspect.signature(factory).parameters if p not in ("device", "dtype")]
+    for key in kwargs:
+        if key not in allowed and key != "dtype":
+            raise ConfigError(
+                f"unknown {family} parameter '{key}'", file=where, field=key, allowed=allowed
+            )
+    missing = [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is inspect.Parameter.empty and p.name not in kwargs
+    ]
+    if missing:
+        raise ConfigError(
+            f"{family} needs {', '.join(missing)}", file=where, field=missing[0], allowed=allowed
+        )
+    return factory(**kwargs, device=device)
+
+
+def build(name: str, *, device: str | torch.device = "meta", **overrides: Any) -> nn.Module:
+    """The preset ``name`` as an ``nn.Module`` on ``device``; ``overrides`` replace preset fields.
+
+    ``build("gpt3-175b", layers=4)`` keeps 175B widths with 4 blocks: cheap to trace, same block.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model '{name}'", field="model", allowed=sorted(PRESETS))
+    family, kwargs = PRESETS[name]
+    return _call_family(family, {**kwargs, **overrides}, device=device, where=None)
+
+
+def list_models() -> list[ModelInfo]:
+    """Every preset with its parameter count (built on ``meta``: no memory is allocated)."""
+    rows = []
+    for name, (family, _) in PRESETS.items():
+        published, source = PUBLISHED.get(name, (None, "autopar preset"))
+        count = param_count(build(name, device="meta"))
+        rows.append(
+            ModelInfo(
+                name=name, family=family, params=count, published_params=published, source=source
+            )
+        )
+    return rows
+
+
+def _parse_value(text: str) -> Any:
+    """``"48" -> 48``, ``"1.25" -> 1.25``, ``"true" -> True``; anything else stays a string."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _parse_kv(text: str, *, spec: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"'{item}' in model spec '{spec}' is not key=value", field="model")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _from_yaml(path: str, *, device: str | torch.device) -> nn.Module:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read model file: {exc}", file=path) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with 'family' or 'preset'", file=path)
+    data = dict(data)
+    preset = data.pop("preset", None)
+    family = data.pop("family", None)
+    if (preset is None) == (family is None):
+        raise ConfigError(
+            "give exactly one of 'preset' (a zoo name) or 'family' (with its shape fields)",
+            file=path,
+            field="family",
+            allowed=sorted(FAMILIES),
+        )
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"unknown preset '{preset}'", file=path, field="preset", allowed=sorted(PRESETS)
+            )
+        family, base = PRESETS[preset]
+        data = {**base, **data}
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"unknown family '{family}'", file=path, field="family", allowed=sorted(FAMILIES)
+        )
+    return _call_family(family, data, device=device, where=path)
+
+
+def _from_factory(spec: str, *, device: str | torch.device) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import '{module_name}': {exc}", field="model") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"'{module_name}' has no callable '{attr}'", field="model")
+    with torch.device(device):
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"'{spec}' returned {type(model).__name__}, expected a torch.nn.Module", field="model"
+        )
+    return model
+
+
+def parse_model_spec(spec: str, *, device: str | torch.device = "meta") -> nn.Module:
+    """Build the model a user names on the command line.
+
+    Accepted forms: a zoo name (``gpt3-175b``); a zoo name or family with overrides
+    (``gpt3-175b:layers=4``, ``gpt:layers=48,hidden=8192,heads=64``); a YAML file with
+    ``family:`` or ``preset:`` plus fields; ``package.module:factory`` (called with no arguments
+    under ``torch.device(device)``). Anything else raises ConfigError listing the valid names.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"empty model spec {spec!r}", field="model", allowed=sorted(PRESETS))
+    spec = spec.strip()
+    if spec in PRESETS:
+        return build(spec, device=device)
+    if spec.endswith((".yaml", ".yml")) or os.path.isfile(spec):
+        return _from_yaml(spec, device=device)
+    head, sep, tail = spec.partition(":")
+    if sep and head in FAMILIES:
+        return _call_family(head, _parse_kv(tail, spec=spec), device=device, where=None)
+    if sep and head in PRESETS:
+        return build(head, device=device, **_parse_kv(tail, spec=spec))
+    if sep and "=" not in tail and tail.isidentifier():
+        return _from_factory(spec, device=device)
+    raise ConfigError(
+        f"unknown model '{spec}': use a zoo name, 'family:key=value,...' "
+        f"(families: {', '.join(FAMILIES)}), a YAML file or 'package.module:factory'",
+        field="model",
+        allowed=sorted(PRESETS),
+    )

@@ -1,0 +1,399 @@
+"""Build the intra-op ILP's data (``IntraOpProblem``) from an OpGraph, the rules and the prices.
+
+Who gets a decision:
+
+* every parameter and graph input: its storage layout (Replicate / Shard(d) per mesh axis), so a
+  sharded weight (Megatron column split, or a ZeRO-3-like layout under memory pressure) is a
+  choice with its memory and its gather cost, not an assumption;
+* every non-trivial op (matmuls, attention, embedding, convolution, ops no rule knows);
+* trivial ops (elementwise, views, norms, softmax, reductions) get none: they *follow* their
+  primary operand (``IntraOpProblem.follows``), their strategy ``s`` being "whatever the
+  operand's strategy ``s`` produces, replicated on axes where that cannot be kept".
+
+Costs, all in seconds per microbatch except gradient sync:
+
+* node: forward + backward compute on the local shard, plus the strategy's own collectives
+  (backward partial-gradient all-reduces; weight-gradient all-reduces x ``grad_sync_weight``,
+  which is 1/microbatches because they run once per step);
+* edge: the resharding between the producer's output spec and the consumer's input spec,
+  forward collectives and their backward duals (``rules.reshard``);
+* a wrap-around edge from the block's output to its input when they have the same shape: the
+  next identical layer consumes this one's output, so a layout mismatch there is paid too.
+
+Nothing here imports torch or the cost model: ``Pricing`` carries the functions that put
+numbers on work, so a volume-only pricing and a topology-aware one build identical strategy
+lists (the indices of one solution can be re-priced with the other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from autopar.graph.opgraph import OpGraph, OpNode, TensorMeta
+from autopar.sharding.placements import Partial, Spec, local_numel_fraction, replicated
+from autopar.sharding.rules import (
+    Collective,
+    OpDims,
+    Strategy,
+    base_name,
+    enumerate_strategies,
+    follow_strategy,
+    op_dims,
+    replicate_strategy,
+    reshard,
+    tensor_strategies,
+)
+from autopar.solver.intra_op import IntraOpProblem
+
+__all__ = ["Pricing", "BuiltProblem", "build_problem", "IntraOpProblem"]
+
+_FLOAT = ("float", "bfloat", "complex")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pricing:
+    """The functions that turn described work into seconds and bytes (the link to ``cost/``)."""
+
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    collective_s: Callable[[str, float, int], float]
+    """(kind, nbytes per device, mesh axis index) -> seconds, all groups of the axis at once."""
+    compute_s: Callable[[OpNode, int, Literal["fwd", "bwd"]], float]
+    """(node, compute divisor, phase) -> seconds for the local shard of the op."""
+    saved_bytes: Callable[[OpNode], float]
+    """Bytes the op keeps for backward when unsharded."""
+    grad_sync_weight: float = 1.0
+    """Weight of once-per-step gradient synchronisation (1 / microbatches)."""
+    param_memory_multiplier: float = 1.0
+    """Bytes held per parameter byte (1: weights only; more with grads and optimizer state)."""
+    memory_budget_bytes: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class BuiltProblem:
+    """The ILP data plus what is needed to read a solution back (per node, per strategy)."""
+
+    problem: IntraOpProblem
+    nodes: tuple[OpNode, ...]
+    strategies: tuple[tuple[Strategy, ...], ...]
+    params: dict[str, int]
+    """Parameter FQN -> node index (its strategy is the stored layout)."""
+    fwd_compute_s: tuple[np.ndarray, ...]
+    bwd_compute_s: tuple[np.ndarray, ...]
+    comm_s: tuple[np.ndarray, ...]
+    """Per-microbatch collectives of the strategy itself (fwd + bwd)."""
+    grad_sync_s: tuple[np.ndarray, ...]
+    """Once-per-step collectives, unweighted."""
+    param_bytes: tuple[np.ndarray, ...]
+    """Weight bytes per device (without the memory multiplier)."""
+    activation_bytes: tuple[np.ndarray, ...]
+    edge_inputs: tuple[tuple[int, int, int], ...]
+    """Per edge: (consumer input index, producer output index, -1 or 1 for a wrap-around)."""
+    shared: tuple[tuple[str, Collective], ...] = ()
+    """Per shared cost of the problem: (producer node name, the one all-reduce it stands for)."""
+
+
+def _is_float(meta: TensorMeta | None) -> bool:
+    return meta is not None and meta.dtype.startswith(_FLOAT)
+
+
+def _output_index(producer: OpNode, consumer: OpNode, j: int) -> int:
+    if len(producer.outputs) <= 1:
+        return 0
+    if base_name(consumer.op) == "getitem" and len(consumer.args) > 1:
+        return int(consumer.args[1])
+    meta = consumer.input_metas[j] if j < len(consumer.input_metas) else None
+    for k, t in enumerate(producer.outputs):
+        if t == meta:
+            return k
+    return 0
+
+
+def _price(colls: tuple[Collective, ...], pricing: Pricing) -> tuple[float, float]:
+    """(per-microbatch seconds, once-per-step seconds) of a list of collectives."""
+    mb = step = 0.0
+    for c in colls:
+        t = pricing.collective_s(c.kind, c.nbytes, c.axis)
+        if c.phase == "grad_sync":
+            step += t
+        else:
+            mb += t
+    return mb, step
+
+
+def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
+    """OpGraph x rules x pricing -> the frozen ILP data (see the module docstring)."""
+    mesh_shape = pricing.mesh_shape
+    nd = len(mesh_shape)
+    nodes = [n for n in graph if n.kind != "output"]
+    index = {n.name: i for i, n in enumerate(nodes)}
+    requires_grad: list[bool] = []
+    param_derived: list[bool] = []
+    strategies: list[tuple[Strategy, ...]] = []
+    follows: list[int] = []
+    unsupported: list[str] = []
+    dims_of: list[OpDims | None] = []
+    params: dict[str, int] = {}
+
+    for i, node in enumerate(nodes):
+        ins = [index.get(p, -1) for p in node.inputs]
+        if node.kind == "param":
+            requires_grad.append(True)
+            param_derived.append(True)
+        elif node.kind in ("input", "buffer"):
+            requires_grad.append(node.kind == "input" and _is_float(node.output))
+            param_derived.append(False)
+        else:
+            requires_grad.append(
+                _is_float(node.output) and any(requires_grad[j] for j in ins if j >= 0)
+            )
+            param_derived.append(bool(ins) and all(j >= 0 and param_derived[j] for j in ins))
+        grad_in = tuple(j >= 0 and requires_grad[j] for j in ins)
+        param_in = tuple(j >= 0 and param_derived[j] for j in ins)
+
+        dims = op_dims(node) if node.kind == "op" else None
+        dims_of.append(dims)
+        follow = -1
+        if node.kind in ("param", "input", "buffer"):
+            meta = node.output
+            specs = tensor_strategies(meta, mesh_shape) if meta is not None else [replicated(nd)]
+            strats = tuple(Strategy(",".join(str(p) for p in s), (), (s,), 1, ()) for s in specs)
+            if node.kind == "param":
+                params[node.params[0] if node.params else node.name] = i
+        elif dims is None:
+            unsupported.append(node.op)
+            strats = (replicate_strategy(len(node.inputs), len(node.outputs), nd),)
+        elif dims.follow and node.inputs and ins[dims.primary] >= 0:
+            follow = ins[dims.primary]
+            producer = nodes[follow]
+            k = _output_index(producer, node, dims.primary)
+            memo: dict[Spec, Strategy] = {}
+            out: list[Strategy] = []
+            for ps in strategies[follow]:
+                spec = ps.output_specs[k] if k < len(ps.output_specs) else ps.output_specs[0]
+                if spec not in memo:
+                    memo[spec] = follow_strategy(
+                        dims,
+                        spec,
+                        input_metas=node.input_metas,
+                        output_metas=node.outputs,
+                        mesh_shape=mesh_shape,
+                        grad_inputs=grad_in,
+                        param_inputs=param_in,
+                        axis_names=pricing.axis_names,
+                    )
+                out.append(memo[spec])
+            strats = tuple(out)
+        else:
+            strats = tuple(
+                enumerate_strategies(
+                    dims,
+                    input_metas=node.input_metas,
+                    output_metas=node.outputs,
+                    mesh_shape=mesh_shape,
+                    grad_inputs=grad_in,
+                    param_inputs=param_in,
+                    axis_names=pricing.axis_names,
+                )
+            )
+        strategies.append(strats)
+        follows.append(follow)
+
+    # -- node costs ----------------------------------------------------------------------------
+    fwd_c, bwd_c, comm, gsync, pbytes, abytes, costs, mems = [], [], [], [], [], [], [], []
+    view_src = [
+        index.get(n.inputs[0], -1)
+        if d is not None and not d.moves_bytes and len(n.inputs) == 1 and len(n.outputs) == 1
+        else -1
+        for n, d in zip(nodes, dims_of)
+    ]
+    shared: dict[tuple, list[tuple[int, int]]] = {}
+    shared_coll: dict[tuple, Collective] = {}
+    for i, node in enumerate(nodes):
+        ins = ins_of(node, index)
+        k = len(strategies[i])
+        f, b, c, g, pb, ab = (np.zeros(k) for _ in range(6))
+        dims = dims_of[i]
+        moves = node.kind == "op" and (dims is None or dims.moves_bytes or node.fwd_flops > 0)
+        saved_full = pricing.saved_bytes(node) if node.kind == "op" else 0.0
+        memo_s: dict[Strategy, tuple[float, ...]] = {}
+        for s, st in enumerate(strategies[i]):
+            if st not in memo_s:
+                fs = pricing.compute_s(node, st.compute_divisor, "fwd") if moves else 0.0
+                bs = (
+                    pricing.compute_s(node, st.compute_divisor, "bwd")
+                    if moves and requires_grad[i]
+                    else 0.0
+                )
+                own = tuple(
+                    c for c in st.collectives if _shared_key(c, ins, nodes, node, view_src) is None
+                )
+                cm, gs = _price(own, pricing)
+                p_b = a_b = 0.0
+                if node.kind == "param" and node.output is not None:
+                    p_b = node.output.nbytes * local_numel_fraction(st.output_specs[0], mesh_shape)
+                elif saved_full > 0:
+                    a_b = saved_full * _local_fraction(node, st, param_derived, ins, mesh_shape)
+                memo_s[st] = (fs, bs, cm, gs, p_b, a_b)
+            f[s], b[s], c[s], g[s], pb[s], ab[s] = memo_s[st]
+            for coll in st.collectives:
+                key = _shared_key(coll, ins, nodes, node, view_src)
+                if key is not None:
+                    shared.setdefault(key, []).append((i, s))
+                    shared_coll[key] = coll
+        fwd_c.append(f)
+        bwd_c.append(b)
+        comm.append(c)
+        gsync.append(g)
+        pbytes.append(pb)
+        abytes.append(ab)
+        costs.append(f + b + c + pricing.grad_sync_weight * g)
+        mems.append(pb * pricing.param_memory_multiplier + ab)
+
+    # -- edges: resharding between producer output and consumer input -------------------------
+    edges: list[tuple[int, int]] = []
+    mats: list[np.ndarray] = []
+    edge_inputs: list[tuple[int, int, int]] = []
+    cache: dict[tuple, float] = {}
+
+    def reshard_s(src: Spec, dst: Spec, meta: TensorMeta, grad: bool) -> float:
+        key = (src, dst, meta.shape, meta.dtype, grad)
+        if key not in cache:
+            colls = reshard(src, dst, meta, mesh_shape, requires_grad=grad)
+            cache[key] = sum(pricing.collective_s(c.kind, c.nbytes, c.axis) for c in colls)
+        return cache[key]
+
+    def add_edge(u: int, v: int, out_k: int, in_j: int, meta: TensorMeta, wrap: bool) -> None:
+        src_specs = [
+            st.output_specs[out_k] if out_k < len(st.output_specs) else st.output_specs[0]
+            for st in strategies[u]
+        ]
+        dst_specs = (
+            [st.output_specs[0] for st in strategies[v]]
+            if wrap
+            else [st.input_specs[in_j] for st in strategies[v]]
+        )
+        grad = requires_grad[u] and requires_grad[v]
+        us = {s: n for n, s in enumerate(dict.fromkeys(src_specs))}
+        vs = {s: n for n, s in enumerate(dict.fromkeys(dst_specs))}
+        small = np.array([[reshard_s(a, b, meta, grad) for b in vs] for a in us])
+        if not small.any():
+            return
+        mat = small[np.ix_([us[s] for s in src_specs], [vs[s] for s in dst_specs])]
+        edges.append((u, v))
+        mats.append(mat)
+        edge_inputs.append((in_j, out_k, 1 if wrap else -1))
+
+    for v, node in enumerate(nodes):
+        if node.kind != "op":
+            continue
+        for j, p in enumerate(node.inputs):
+            u = index.get(p, -1)
+            if u < 0:
+                continue  # produced outside this graph: arrives as the op wants it
+            meta = node.input_metas[j] if j < len(node.input_metas) else nodes[u].output
+            if meta is None:
+                continue
+            add_edge(u, v, _output_index(nodes[u], node, j), j, meta, False)
+
+    # wrap-around: block output feeds the next identical block's input
+    acts = [i for i, n in enumerate(nodes) if n.kind == "input" and _is_float(n.output)]
+    outs = [n for n in graph if n.kind == "output"]
+    if len(acts) == 1 and outs:
+        a = acts[0]
+        for p in outs[0].inputs:
+            u = index.get(p, -1)
+            if (
+                u >= 0
+                and nodes[u].output is not None
+                and nodes[u].output.shape == nodes[a].output.shape
+            ):
+                add_edge(u, a, 0, 0, nodes[a].output, True)
+                break
+
+    shared_keys = list(shared)
+    shared_costs = []
+    for key in shared_keys:
+        coll = shared_coll[key]
+        t = pricing.collective_s(coll.kind, coll.nbytes, coll.axis)
+        shared_costs.append(t * (pricing.grad_sync_weight if coll.phase == "grad_sync" else 1.0))
+    shared_members = []
+    for key in shared_keys:
+        by_node: dict[int, list[int]] = {}
+        for i, s_ in shared[key]:
+            by_node.setdefault(i, []).append(s_)
+        shared_members.append(tuple((i, tuple(ss)) for i, ss in by_node.items()))
+
+    problem = IntraOpProblem(
+        names=tuple(n.name for n in nodes),
+        node_costs=tuple(costs),
+        memory_bytes=tuple(mems),
+        follows=tuple(follows),
+        edges=tuple(edges),
+        edge_costs=tuple(mats),
+        shared_costs=tuple(shared_costs),
+        shared_members=tuple(shared_members),
+        memory_budget_bytes=pricing.memory_budget_bytes,
+        strategy_names=tuple(tuple(s.name for s in st) for st in strategies),
+        unsupported_ops=tuple(unsupported),
+    )
+    return BuiltProblem(
+        problem=problem,
+        nodes=tuple(nodes),
+        strategies=tuple(strategies),
+        params=params,
+        fwd_compute_s=tuple(fwd_c),
+        bwd_compute_s=tuple(bwd_c),
+        comm_s=tuple(comm),
+        grad_sync_s=tuple(gsync),
+        param_bytes=tuple(pbytes),
+        activation_bytes=tuple(abytes),
+        edge_inputs=tuple(edge_inputs),
+        shared=tuple((nodes[key[0]].name, shared_coll[key]) for key in shared_keys),
+    )
+
+
+def _shared_key(
+    coll: Collective, ins: list[int], nodes: list[OpNode], node: OpNode, view_src: list[int]
+) -> tuple | None:
+    """Partial-gradient all-reduces of one tensor are shared by all its consumers.
+
+    Views are seen through (q, k and v each read their own view of the norm's output, yet the
+    backward sums their partial gradients into one tensor before a single all-reduce).
+    """
+    if coll.operand < 0 or coll.operand >= len(ins) or ins[coll.operand] < 0:
+        return None
+    u = ins[coll.operand]
+    k = _output_index(nodes[u], node, coll.operand)
+    while view_src[u] >= 0:
+        u, k = view_src[u], 0
+    return (u, k, coll.kind, coll.axis, coll.phase, round(coll.nbytes))
+
+
+def ins_of(node: OpNode, index: dict[str, int]) -> list[int]:
+    return [index.get(p, -1) for p in node.inputs]
+
+
+def _local_fraction(
+    node: OpNode,
+    st: Strategy,
+    param_derived: list[bool],
+    ins: list[int],
+    mesh_shape: tuple[int, ...],
+) -> float:
+    """Share of the op's saved activations one device keeps: by its activation inputs' layout."""
+    full = local = 0.0
+    for j, (meta, spec) in enumerate(zip(node.input_metas, st.input_specs)):
+        if j < len(ins) and ins[j] >= 0 and param_derived[ins[j]]:
+            continue
+        full += meta.nbytes
+        local += meta.nbytes * local_numel_fraction(spec, mesh_shape)
+    if full > 0:
+        return local / full
+    if st.output_specs and not any(isinstance(p, Partial) for p in st.output_specs[0]):
+        return local_numel_fraction(st.output_specs[0], mesh_shape)
+    return 1.0

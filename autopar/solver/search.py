@@ -1,0 +1,1288 @@
+"""The outer search: from a model, a cluster and a training setup to a Plan.
+
+What is enumerated (each dimension can be pinned with ``fixed=``, Megatron-style names)
+-------------------------------------------------------------------------------------
+* ``tp`` (tensor parallel degree): divisors of the world size that divide the attention heads.
+* ``pp`` (pipeline stages): divisors of ``world / tp`` up to the number of blocks.
+* ``dp = world / (tp · pp)``, which must divide the global batch.
+* the mesh is ``(pp, dp, tp)`` row-major with ``tp`` innermost, so tensor parallelism stays
+  inside a host whenever ``tp <= devices per host``, data parallelism comes next and pipeline
+  stages are the outermost (cross-host) axis. ``host_mapping`` in the Plan says which axis
+  crosses hosts.
+* ``micro_batch_size`` b: divisors of the per-replica batch ``B / dp`` (up to 64); the number of
+  microbatches is ``M = B / (dp · b)``.
+* ``schedule``: 1F1B (stages from the pipeline DP, unequal allowed), interleaved 1F1B with
+  ``v`` model chunks per device (uniform chunks, as Megatron-LM requires), and GPipe only when
+  pinned: GPipe has 1F1B's bubble and holds all M microbatches, so it is dominated.
+* ``zero`` 0-3 and ``recompute`` none / selective (attention core) / full.
+
+How a candidate is priced
+-------------------------
+Per layer and microbatch (``_costing.LayerCost``): forward and backward compute, exposed
+tensor-parallel communication, what recompute re-runs (full: the forward; selective: the
+attention core), activation bytes kept, gradient synchronisation and ZeRO-3 gathers. A stage's
+latency is the sum over its layers plus the point-to-point send of its output (activation
+forward, gradient backward). The pipeline takes ``Σ t_s + (M - 1) · max t_s`` (GPipe / 1F1B)
+or ``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved). Gradient synchronisation over dp runs
+once per step and overlaps the last microbatch's backward on each stage (DDP buckets); what does
+not fit behind it is exposed. ZeRO-3 gathers weights for every use (forward, backward and the
+recomputed forward) and reduce-scatters gradients per microbatch, prefetched behind compute:
+each layer costs ``max(compute, gathers)``. The optimizer update streams weights, gradients and
+optimizer state through HBM once.
+
+Memory per device on the most loaded stage: weights, gradients and optimizer state (divided by
+dp from ZeRO stage 3, 2 and 1 respectively), activations of the microbatches in flight for the
+schedule (``pipeline.inflight_microbatches``) and transients (a recomputed layer's full
+activations; ZeRO-3's gathered weights). A candidate over ``capacity · (1 - headroom)`` is
+dropped, and counted.
+
+Search order and pruning
+------------------------
+1. Every candidate is priced analytically with Megatron's split (``_costing.analytic_layer_cost``,
+   no solver): a uniform layer split first, then the pipeline DP (``pipeline.solve_stages``) only
+   when its lower bound ``Σ t + (M - 1) · max(Σ t / pp, max_i t_i)`` can still beat the k-th
+   best plan so far; a memory lower bound (state / pp) skips shapes that cannot fit at all.
+   ZeRO 0, 1 and 2 cost the same time here, so the lowest stage that fits is kept.
+2. The intra-op ILP (``sharding.layer_plan.solve_layer``) then runs on the distinct layers
+   (embedding, one block, head) of the best few (dp, tp, micro-batch) shapes, cached on
+   ``(signature, dp, tp, b)``, and those candidates are priced again with its costs and
+   placements. Both the ILP's sharding and Megatron's split are feasible plans for the same
+   candidate, so the cheaper of the two is kept (``solver["ilp_better_than_megatron_split"]``
+   counts how often the ILP won).
+
+Which FLOPs the reported throughput counts
+------------------------------------------
+``tflops_per_device`` and ``mfu`` count *model* FLOPs: forward + backward of the traced graph
+(``OpGraph.fwd_flops + bwd_flops``), never the recomputed forward, so MFU does not reward
+recompute. Megatron-LM's published TFLOP/s include the recomputed forward (their factor 96 =
+4 · 24); ``benchmarks/megatron.py`` applies their formula to compare like with like.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from autopar.config import TrainingConfig
+from autopar.errors import ConfigError, InfeasibleError
+from autopar.plan import (
+    Alternative,
+    MemoryBreakdown,
+    Mesh,
+    Parallel,
+    Plan,
+    Prediction,
+    Stage,
+    TimeBreakdown,
+)
+from autopar.solver._costing import (
+    ATTENTION_KERNELS,
+    LayerCost,
+    analytic_layer_cost,
+    ilp_layer_cost,
+    layer_kind,
+)
+from autopar.solver.pipeline import inflight_microbatches, solve_stages
+
+__all__ = ["search", "FIXED_KEYS", "SCHEDULES", "RECOMPUTE", "ZERO_STAGES"]
+
+GiB = 1024**3
+FIXED_KEYS = (
+    "dp", "tp", "pp", "microbatches", "micro_batch_size", "recompute", "zero", "schedule",
+    "virtual_stages", "sequence_parallel",
+)  # fmt: skip
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+RECOMPUTE = ("none", "selective", "full")
+ZERO_STAGES = (0, 1, 2, 3)
+MAX_MICRO_BATCH = 64
+TIME_TERMS = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm")
+_TERM_WORDS = {
+    "compute": "compute",
+    "recompute": "recompute",
+    "tp_comm": "tensor-parallel comm",
+    "pp_bubble": "pipeline bubble",
+    "pp_comm": "pipeline p2p",
+    "dp_comm": "data-parallel comm",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# model preparation
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _LayerInfo:
+    name: str
+    signature: Any
+    params: tuple[str, ...]
+    graph: Any
+    """The layer's own OpGraph at batch 1 (re-sized with ``with_batch``)."""
+    graph_params: tuple[str, ...] = ()
+    """``params`` as named inside ``graph`` (differs for blocks re-used by depth folding)."""
+
+    def __post_init__(self) -> None:
+        if not self.graph_params:
+            self.graph_params = self.params
+
+
+@dataclass(slots=True)
+class _ModelInfo:
+    name: str
+    graph: Any
+    layers: list[_LayerInfo]
+    seq_len: int
+    heads: int | None
+    fwd_flops_per_seq: float
+    bwd_flops_per_seq: float
+    param_count: int
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(1 for layer in self.layers if layer_kind(layer.name) == "block")
+
+
+def _prepare(model_or_graph: Any, config: TrainingConfig) -> _ModelInfo:
+    """Trace (if needed), group into layers, and state everything at batch 1 in the training dtype.
+
+    Depth folding: a zoo-style model (``model.layers`` an ``nn.ModuleDict`` of structurally
+    identical blocks, forward skipping deleted keys) is traced with its first two blocks only and
+    the block's layer graph is reused for every block, FQNs renamed. Tracing GPT-3 175B in full
+    takes ~15 s on this machine; two blocks take ~0.4 s, and the search prices one distinct block
+    anyway. Models whose blocks differ are traced in full.
+    """
+    from autopar.graph.layers import group_layers, layer_graph
+    from autopar.graph.opgraph import OpGraph
+
+    heads = None
+    repeat: tuple[int, list[str]] | None = None
+    if isinstance(model_or_graph, OpGraph):
+        graph = model_or_graph
+        name = graph.name
+        heads = graph.metadata.get("heads") or graph.metadata.get("config", {}).get("heads")
+    else:
+        from autopar.graph.trace import trace
+
+        model = model_or_graph
+        cfg = getattr(model, "config", None)
+        heads = getattr(cfg, "heads", None)
+        inputs = None
+        if config.seq_len is not None and hasattr(model, "example_inputs"):
+            (example,) = model.example_inputs(batch_size=1)
+            if example.dim() == 2 and example.shape[1] != config.seq_len:
+                import torch
+
+                vocab = getattr(cfg, "vocab", 2)
+                inputs = (torch.randint(0, vocab, (1, config.seq_len), device=example.device),)
+        shallow, keys = _shallow_copy(model)
+        graph = trace(shallow if shallow is not None else model, inputs)
+        if shallow is not None:
+            repeat = (len(keys), keys)
+        name = _model_name(model)
+    if graph.batch_size != 1:
+        graph = graph.with_batch(1)
+    graph = _in_training_dtype(graph, config)
+    seq_len = config.seq_len or _seq_len_of(graph)
+    grouped = list(group_layers(graph))
+    layers = [
+        _LayerInfo(
+            name=layer.name,
+            signature=layer.signature,
+            params=tuple(layer.params),
+            graph=layer_graph(graph, layer),
+        )
+        for layer in grouped
+    ]
+    if repeat is not None:
+        layers = _unfold(layers, repeat[1])
+    if not layers:
+        raise ConfigError("the model has no layers to place", field="model")
+    fwd = sum(float(layer.graph.fwd_flops) for layer in layers)
+    bwd = sum(float(layer.graph.bwd_flops) for layer in layers)
+    seen: dict[str, int] = {}
+    for layer in layers:
+        metas = layer.graph.params()
+        for fqn, inner in zip(layer.params, layer.graph_params):
+            if inner in metas:
+                seen[fqn] = metas[inner].numel
+    return _ModelInfo(
+        name=name,
+        graph=graph,
+        layers=layers,
+        seq_len=seq_len,
+        heads=heads,
+        fwd_flops_per_seq=fwd,
+        bwd_flops_per_seq=bwd,
+        param_count=int(sum(seen.values())),
+    )
+
+
+def _model_name(model: Any) -> str:
+    cfg = getattr(model, "config", None)
+    base = type(model).__name__.lower()
+    if cfg is not None and hasattr(cfg, "layers") and hasattr(cfg, "hidden"):
+        return f"{base}(layers={cfg.layers}, hidden={cfg.hidden})"
+    return base
+
+
+def _block_structure(block: Any) -> tuple:
+    return tuple((n, tuple(p.shape), str(p.dtype)) for n, p in block.named_parameters()) + tuple(
+        (n, type(m).__name__) for n, m in block.named_modules()
+    )
+
+
+def _shallow_copy(model: Any) -> tuple[Any, list[str]]:
+    """A view of ``model`` with only its first two blocks, when all blocks are identical."""
+    from torch import nn
+
+    blocks = getattr(model, "layers", None)
+    if not isinstance(blocks, nn.ModuleDict) or len(blocks) <= 2:
+        return None, []
+    keys = list(blocks.keys())
+    ref = _block_structure(blocks[keys[0]])
+    if any(_block_structure(blocks[k]) != ref for k in keys[1:]):
+        return None, []
+    import copy
+
+    shallow = copy.copy(model)
+    shallow._modules = dict(model._modules)
+    shallow._parameters = dict(model._parameters)
+    shallow._buffers = dict(model._buffers)
+    shallow.layers = nn.ModuleDict({k: blocks[k] for k in keys[:2]})
+    return shallow, keys
+
+
+def _unfold(layers: list[_LayerInfo], keys: list[str]) -> list[_LayerInfo]:
+    """Re-expand a two-block trace to all blocks: block 0 as traced, the rest copies of block 1."""
+    blocks = [i for i, layer in enumerate(layers) if layer_kind(layer.name) == "block"]
+    if len(blocks) != 2:
+        raise ConfigError(
+            f"depth folding expected 2 traced blocks, found {len(blocks)}", field="model"
+        )
+    first, second = layers[blocks[0]], layers[blocks[1]]
+    out = layers[: blocks[0]] + [first]
+    prefix = second.name + "."
+    for key in keys[1:]:
+        name = f"layers.{key}"
+        params = tuple(
+            (f"{name}." + p[len(prefix) :]) if p.startswith(prefix) else p for p in second.params
+        )
+        out.append(
+            _LayerInfo(
+                name=name,
+                signature=second.signature,
+                params=params,
+                graph=second.graph,
+                graph_params=second.params,
+            )
+        )
+    out += layers[blocks[1] + 1 :]
+    return out
+
+
+_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _in_training_dtype(graph: Any, config: TrainingConfig) -> Any:
+    """The graph with fp32 activations and weights re-stated in the training dtype.
+
+    Zoo models are built on meta in fp32; under bf16/fp16 mixed precision the activations,
+    weights the kernels read and messages on the wire are 16-bit, so bytes are priced as such.
+    """
+    from dataclasses import replace as dc_replace
+
+    from autopar.graph.opgraph import OpGraph, TensorMeta
+
+    target = _TORCH_DTYPE[config.dtype]
+    if target == "float32":
+        return graph
+
+    def conv(m: TensorMeta) -> TensorMeta:
+        return TensorMeta(m.shape, target, m.batch_dim) if m.dtype == "float32" else m
+
+    g = graph.nx_graph.copy()
+    changed = False
+    for _, data in g.nodes(data=True):
+        op = data["op"]
+        if any(m.dtype == "float32" for m in (*op.outputs, *op.input_metas)):
+            data["op"] = dc_replace(
+                op,
+                outputs=tuple(conv(m) for m in op.outputs),
+                input_metas=tuple(conv(m) for m in op.input_metas),
+            )
+            changed = True
+    for _, _, data in g.edges(data=True):
+        if "tensor" in data and data["tensor"] is not None:
+            data["tensor"] = conv(data["tensor"])
+    if not changed:
+        return graph
+    return OpGraph(g, name=graph.name, batch_size=graph.batch_size, metadata=dict(graph.metadata))
+
+
+def _seq_len_of(graph: Any) -> int:
+    if "seq_len" in graph.metadata:
+        return int(graph.metadata["seq_len"])
+    for node in graph:
+        if node.kind == "input" and node.output is not None and len(node.output.shape) >= 2:
+            return int(node.output.shape[1])
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    pp: int
+    dp: int
+    tp: int
+    b: int
+
+    @property
+    def microbatches_for(self) -> Callable[[int], int]:
+        return lambda batch: batch // (self.dp * self.b)
+
+
+@dataclass(slots=True)
+class _Priced:
+    """One fully priced candidate."""
+
+    shape: _Shape
+    microbatches: int
+    schedule: str
+    virtual_stages: int
+    zero: int
+    recompute: str
+    stages: list[list[int]]
+    """Layer indices per pipeline rank (model order; several chunks when interleaved)."""
+    step_s: float
+    breakdown: TimeBreakdown
+    memory: MemoryBreakdown
+    peak_bytes: float
+    source: str
+    costs: tuple[LayerCost, ...] = field(repr=False, default=())
+
+    @property
+    def parallel(self) -> Parallel:
+        return Parallel(dp=self.shape.dp, tp=self.shape.tp, pp=self.shape.pp)
+
+    def key(self) -> tuple:
+        s = self.shape
+        return (s.pp, s.dp, s.tp, s.b, self.schedule, self.virtual_stages, self.zero, self.recompute)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_fixed(fixed: dict[str, Any] | None) -> dict[str, Any]:
+    fixed = dict(fixed or {})
+    for k, v in fixed.items():
+        if k not in FIXED_KEYS:
+            raise ConfigError(f"unknown key {k!r}", field=f"fixed.{k}", allowed=FIXED_KEYS)
+        if k == "recompute" and v not in RECOMPUTE:
+            raise ConfigError(f"unknown recompute {v!r}", field="fixed.recompute", allowed=RECOMPUTE)
+        if k == "schedule" and v not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {v!r}", field="fixed.schedule", allowed=SCHEDULES)
+        if k == "zero" and v not in ZERO_STAGES:
+            raise ConfigError(f"unknown ZeRO stage {v!r}", field="fixed.zero", allowed=ZERO_STAGES)
+        if k == "sequence_parallel" and not isinstance(v, bool):
+            raise ConfigError("must be true or false", field="fixed.sequence_parallel")
+        if k in ("dp", "tp", "pp", "microbatches", "micro_batch_size", "virtual_stages") and (
+            isinstance(v, bool) or not isinstance(v, int) or v < 1
+        ):
+            raise ConfigError(f"must be a positive integer, got {v!r}", field=f"fixed.{k}")
+    return fixed
+
+
+def _shapes(info: _ModelInfo, world: int, batch: int, fixed: dict[str, Any]) -> list[_Shape]:
+    out = []
+    for tp in _divisors(world):
+        if "tp" in fixed and tp != fixed["tp"]:
+            continue
+        if info.heads is not None and info.heads % tp:
+            continue
+        for pp in _divisors(world // tp):
+            if "pp" in fixed and pp != fixed["pp"]:
+                continue
+            if pp > max(1, info.num_blocks):
+                continue
+            dp = world // (tp * pp)
+            if "dp" in fixed and dp != fixed["dp"]:
+                continue
+            if batch % dp:
+                continue
+            per_replica = batch // dp
+            for b in _divisors(per_replica):
+                if b > MAX_MICRO_BATCH and "micro_batch_size" not in fixed:
+                    break
+                if "micro_batch_size" in fixed and b != fixed["micro_batch_size"]:
+                    continue
+                if "microbatches" in fixed and per_replica // b != fixed["microbatches"]:
+                    continue
+                out.append(_Shape(pp=pp, dp=dp, tp=tp, b=b))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pricing context
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Context:
+    info: _ModelInfo
+    cluster: Any
+    config: TrainingConfig
+    fixed: dict[str, Any]
+    capacity_bytes: float
+    compute_time_s: Any
+    mesh_collective_time_s: Any
+    collective_time_s: Any
+    saved_activation_bytes: Any
+    LogicalMesh: Any
+    attention_kernel: str = "fused"
+    layer_graph_cache: dict = field(default_factory=dict)
+    analytic_cache: dict = field(default_factory=dict)
+    ilp_cache: dict = field(default_factory=dict)
+    p2p_cache: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    def sequence_parallel(self, tp: int) -> bool:
+        return bool(self.fixed.get("sequence_parallel", tp > 1)) and tp > 1
+
+    def layer_at(self, layer: _LayerInfo, batch: int) -> Any:
+        key = (layer.signature, batch)
+        hit = self.layer_graph_cache.get(key)
+        if hit is None:
+            hit = layer.graph if batch == 1 else layer.graph.with_batch(batch)
+            self.layer_graph_cache[key] = hit
+        return hit
+
+    def full_mesh(self, shape: _Shape) -> Any:
+        return self.LogicalMesh((shape.pp, shape.dp, shape.tp), ("pp", "dp", "tp"))
+
+    def analytic(self, shape: _Shape) -> tuple[LayerCost, ...]:
+        out = []
+        mesh = self.full_mesh(shape)
+        sp = self.sequence_parallel(shape.tp)
+        for layer in self.info.layers:
+            key = (layer.signature, shape.pp, shape.dp, shape.tp, shape.b, sp)
+            hit = self.analytic_cache.get(key)
+            if hit is None:
+                g = self.layer_at(layer, shape.b)
+                owned = set(layer.graph_params)  # a tied weight counts once, with its owner
+                cost = analytic_layer_cost(
+                    name=layer.name,
+                    graph=g,
+                    ops=tuple(g.ops()),
+                    params={k: v for k, v in g.params().items() if k in owned},
+                    input_bytes=_input_bytes(g),
+                    output_bytes=_output_bytes(g),
+                    dp=shape.dp,
+                    tp=shape.tp,
+                    full_mesh=mesh,
+                    cluster=self.cluster,
+                    dtype=self.config.dtype,
+                    grad_bytes_per_param=self.config.dtype_bytes,
+                    sequence_parallel=sp,
+                    compute_time_s=self.compute_time_s,
+                    mesh_collective_time_s=self.mesh_collective_time_s,
+                    saved_activation_bytes=self.saved_activation_bytes,
+                    collective_time_s=self.collective_time_s,
+                    attention_kernel=self.attention_kernel,
+                )
+                hit = (layer.graph_params, cost)
+                self.analytic_cache[key] = hit
+                self.stats["analytic_layer_prices"] = self.stats.get("analytic_layer_prices", 0) + 1
+            rep_params, cost = hit
+            out.append(
+                replace(
+                    cost,
+                    name=layer.name,
+                    placements=_rename_placements(cost.placements, rep_params, layer.params),
+                )
+            )
+        return tuple(out)
+
+    def ilp(self, shape: _Shape, *, time_limit_s: float) -> tuple[LayerCost, ...]:
+        from autopar.sharding.layer_plan import solve_layer
+
+        base = self.analytic(shape)
+        stage_mesh = self.LogicalMesh((shape.dp, shape.tp), ("dp", "tp"))
+        microbatches = self.config.global_batch // (shape.dp * shape.b)
+        out = []
+        for layer, cost in zip(self.info.layers, base):
+            key = (layer.signature, shape.dp, shape.tp, shape.b)
+            hit = self.ilp_cache.get(key)
+            if hit is None:
+                g = self.layer_at(layer, shape.b * shape.dp)
+                t0 = time.perf_counter()
+                sharding = solve_layer(
+                    g,
+                    mesh=stage_mesh,
+                    cluster=self.cluster,
+                    dtype=self.config.dtype,
+                    grad_sync_weight=1.0 / max(1, microbatches),
+                    topology_aware=True,
+                    time_limit_s=time_limit_s,
+                )
+                self.stats["ilp_solves"] = self.stats.get("ilp_solves", 0) + 1
+                self.stats["ilp_time_s"] = self.stats.get("ilp_time_s", 0.0) + (
+                    time.perf_counter() - t0
+                )
+                statuses = self.stats.setdefault("ilp_status", {})
+                statuses[str(sharding.status)] = statuses.get(str(sharding.status), 0) + 1
+                self.stats["ilp_max_gap"] = max(
+                    self.stats.get("ilp_max_gap", 0.0), float(sharding.gap or 0.0)
+                )
+                hit = (layer.graph_params, sharding)
+                self.ilp_cache[key] = hit
+            rep_params, sharding = hit
+            priced = ilp_layer_cost(cost, sharding, dtype_bytes=self.config.dtype_bytes)
+            out.append(
+                replace(
+                    priced,
+                    placements=_rename_placements(priced.placements, rep_params, layer.params),
+                )
+            )
+        return tuple(out)
+
+    def p2p_s(self, shape: _Shape, nbytes: float) -> float:
+        """Send of one stage boundary's activation (all dp·tp pairs at once)."""
+        if shape.pp == 1 or nbytes <= 0:
+            return 0.0
+        key = (shape.pp, shape.dp, shape.tp, nbytes)
+        hit = self.p2p_cache.get(key)
+        if hit is None:
+            size = shape.dp * shape.tp
+            # the worst boundary: stage 0 -> stage 1 crosses hosts whenever a stage fills one
+            src, dst = 0, size
+            hit = self.collective_time_s("p2p", nbytes, (src, dst), self.cluster)
+            self.p2p_cache[key] = hit
+        return hit
+
+
+def _input_bytes(g: Any) -> float:
+    total = 0.0
+    for node in g:
+        if node.kind == "input" and node.output is not None:
+            total += node.output.nbytes
+    return float(total)
+
+
+def _output_bytes(g: Any) -> float:
+    total = 0.0
+    for node in g:
+        if node.kind == "output":
+            total += sum(m.nbytes for m in node.input_metas) or (
+                node.output.nbytes if node.output is not None else 0
+            )
+    return float(total)
+
+
+def _rename_placements(
+    placements: dict[str, tuple[str, ...]], rep: tuple[str, ...], dst: tuple[str, ...]
+) -> dict[str, tuple[str, ...]]:
+    """The ILP solved a representative layer; give each real layer its own FQNs (by position)."""
+    if rep == dst:
+        return dict(placements)
+    mapping = dict(zip(rep, dst))
+    return {mapping.get(k, k): v for k, v in placements.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluating one candidate
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Vectors:
+    """Per-layer arrays for one (costs, recompute, zero) combination."""
+
+    lat: np.ndarray
+    hidden_zero3: np.ndarray
+    exposed_zero3: np.ndarray
+    compute: np.ndarray
+    recompute: np.ndarray
+    tp: np.ndarray
+    bwd_window: np.ndarray
+    grad_sync: np.ndarray
+    saved: np.ndarray
+    transient: np.ndarray
+    weights: np.ndarray
+    grads: np.ndarray
+    optimizer: np.ndarray
+    params: np.ndarray
+    p2p: np.ndarray
+
+
+def _vectors(
+    ctx: _Context, shape: _Shape, costs: tuple[LayerCost, ...], recompute: str, zero: int
+) -> _Vectors:
+    cfg = ctx.config
+    dp = shape.dp
+    compute = np.array([c.fwd_s + c.bwd_s for c in costs])
+    rec = np.array([c.recompute_s(recompute) for c in costs])
+    tp = np.array([c.tp_fwd_s + c.tp_bwd_s + (c.tp_fwd_s if recompute == "full" else 0) for c in costs])
+    base = compute + rec + tp
+    # full recompute re-runs the tensor-parallel forward collectives: move them to "tp"
+    rec = rec - np.array([c.tp_fwd_s if recompute == "full" else 0.0 for c in costs])
+    if zero == 3 and dp > 1:
+        # forward: the next layer's weights are prefetched behind this layer's compute;
+        # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
+        gather = np.array([c.zero3_gather_s for c in costs])
+        reduce = np.array([c.zero3_reduce_s for c in costs])
+        fwd = np.array([c.fwd_s + c.tp_fwd_s for c in costs])
+        lat = base + np.maximum(0.0, gather - fwd) + gather + reduce
+        hidden = np.minimum(gather, fwd)
+        exposed = lat - base
+    else:
+        lat, hidden, exposed = base, np.zeros_like(base), np.zeros_like(base)
+    params = np.array([c.params_per_device for c in costs])
+    w = params * cfg.dtype_bytes / (dp if zero >= 3 else 1)
+    g = params * cfg.dtype_bytes / (dp if zero >= 2 else 1)
+    o = params * cfg.optimizer_state_bytes / (dp if zero >= 1 else 1)
+    trans = np.array([c.transient_bytes(recompute) for c in costs])
+    if zero == 3 and dp > 1:
+        trans = trans + params * cfg.dtype_bytes  # one layer's gathered weights at a time
+    p2p = np.array([2.0 * ctx.p2p_s(shape, c.output_bytes) for c in costs])
+    return _Vectors(
+        lat=lat,
+        hidden_zero3=hidden,
+        exposed_zero3=exposed,
+        compute=compute,
+        recompute=rec,
+        tp=tp,
+        bwd_window=np.array([c.bwd_s + c.tp_bwd_s for c in costs]),
+        grad_sync=np.array([c.grad_sync_s for c in costs]) if zero < 3 else np.zeros(len(costs)),
+        saved=np.array([c.saved_bytes(recompute) for c in costs]),
+        transient=trans,
+        weights=w,
+        grads=g,
+        optimizer=o,
+        params=params,
+        p2p=p2p,
+    )
+
+
+def _optimizer_s(ctx: _Context, params_per_device: float, zero: int, dp: int) -> float:
+    """One optimizer update: reads and writes weights, grads and optimizer state once."""
+    n = params_per_device / (dp if zero >= 1 else 1)
+    if n <= 0:
+        return 0.0
+    cfg = ctx.config
+    nbytes = n * 2 * (cfg.optimizer_state_bytes + 2 * cfg.dtype_bytes)
+    return ctx.compute_time_s(
+        flops=12.0 * n, bytes_moved=nbytes, device=ctx.cluster.device, dtype="fp32"
+    )
+
+
+def _evaluate(
+    ctx: _Context,
+    shape: _Shape,
+    vec: _Vectors,
+    *,
+    stages: list[list[int]],
+    microbatches: int,
+    schedule: str,
+    virtual: int,
+    zero: int,
+    recompute: str,
+    source: str,
+    costs: tuple[LayerCost, ...],
+) -> _Priced:
+    """Step time and peak memory of one stage assignment (the formulas in the module doc)."""
+    pp = shape.pp
+    v = virtual if schedule == "interleaved_1f1b" else 1
+    boundaries = []
+    for layers in stages:
+        # a boundary follows every chunk except the model's last one
+        ends = [i for k, i in enumerate(layers) if (k + 1 == len(layers) or layers[k + 1] != i + 1)]
+        boundaries.append([i for i in ends if i != len(vec.lat) - 1])
+    lat_dev = np.array(
+        [vec.lat[layers].sum() + vec.p2p[b].sum() for layers, b in zip(stages, boundaries)]
+    )
+    m = microbatches
+    w_sum, w_max = (1.0 / v, m - 1.0 / v)
+    pipeline_s = w_sum * lat_dev.sum() + w_max * lat_dev.max()
+    slow = int(np.argmax(lat_dev))
+    sl = stages[slow]
+    sync = np.array([vec.grad_sync[layers].sum() for layers in stages])
+    window = np.array([vec.bwd_window[layers].sum() for layers in stages])
+    exposed_sync = np.maximum(0.0, sync - window)
+    opt = np.array([_optimizer_s(ctx, vec.params[layers].sum(), zero, shape.dp) for layers in stages])
+    tail = exposed_sync + opt
+    step = pipeline_s + float(tail.max())
+    last = int(np.argmax(tail))
+    busy = m * lat_dev[slow]
+    breakdown = TimeBreakdown(
+        compute=m * float(vec.compute[sl].sum()) + float(opt[last]),
+        recompute=m * float(vec.recompute[sl].sum()),
+        tp_comm=m * float(vec.tp[sl].sum()),
+        pp_comm=m * float(vec.p2p[boundaries[slow]].sum()),
+        pp_bubble=float(pipeline_s - busy),
+        dp_comm=m * float(vec.exposed_zero3[sl].sum()) + float(exposed_sync[last]),
+        overlapped_comm=m * float(vec.hidden_zero3[sl].sum()) + float(np.minimum(sync, window)[last]),
+    )
+    flight = inflight_microbatches(
+        schedule=schedule, num_stages=pp, microbatches=m, virtual_stages=v
+    )
+    totals = []
+    parts = []
+    for d, layers in enumerate(stages):
+        w, g, o = vec.weights[layers].sum(), vec.grads[layers].sum(), vec.optimizer[layers].sum()
+        a = flight[d] * vec.saved[layers].sum()
+        other = vec.transient[layers].max() if layers else 0.0
+        totals.append(w + g + o + a + other)
+        parts.append((w, g, o, a, other))
+    worst = int(np.argmax(totals))
+    w, g, o, a, other = parts[worst]
+    memory = MemoryBreakdown(
+        weights=float(w),
+        grads=float(g),
+        optimizer=float(o),
+        activations=float(a),
+        other=float(other),
+        capacity=float(ctx.capacity_bytes),
+    )
+    return _Priced(
+        shape=shape,
+        microbatches=m,
+        schedule=schedule,
+        virtual_stages=v,
+        zero=zero,
+        recompute=recompute,
+        stages=stages,
+        step_s=float(step),
+        breakdown=breakdown,
+        memory=memory,
+        peak_bytes=float(totals[worst]),
+        source=source,
+        costs=costs,
+    )
+
+
+def _uniform_stages(num_layers: int, blocks: list[int], pp: int) -> list[list[int]] | None:
+    """Megatron's split: blocks evenly over stages, embedding first, head last."""
+    if pp > len(blocks) or not blocks:
+        return None if pp > 1 else [list(range(num_layers))]
+    per, extra = divmod(len(blocks), pp)
+    stages, k = [], 0
+    for s in range(pp):
+        n = per + (1 if s < extra else 0)
+        stages.append(blocks[k : k + n])
+        k += n
+    first, last = blocks[0], blocks[-1]
+    stages[0] = list(range(0, first)) + stages[0]
+    stages[-1] = stages[-1] + list(range(last + 1, num_layers))
+    return stages
+
+
+def _interleaved_stages(num_layers: int, blocks: list[int], pp: int, v: int) -> list[list[int]] | None:
+    if pp < 2 or v < 2 or len(blocks) % (pp * v):
+        return None
+    per = len(blocks) // (pp * v)
+    stages: list[list[int]] = [[] for _ in range(pp)]
+    for c in range(pp * v):
+        stages[c % pp].extend(blocks[c * per : (c + 1) * per])
+    stages[0] = list(range(0, blocks[0])) + stages[0]
+    stages[-1] = stages[-1] + list(range(blocks[-1] + 1, num_layers))
+    return stages
+
+
+def _dp_stages(
+    vec: _Vectors, pp: int, microbatches: int, schedule: str, capacity: float
+) -> list[list[int]] | None:
+    n = len(vec.lat)
+    csum = np.concatenate([[0.0], np.cumsum(vec.lat)])
+    lat = (csum[None, 1:] - csum[:-1, None])[:, :, None]
+    ssum = np.concatenate([[0.0], np.cumsum(vec.weights + vec.grads + vec.optimizer)])
+    state = ssum[None, 1:] - ssum[:-1, None]
+    asum = np.concatenate([[0.0], np.cumsum(vec.saved)])
+    act = (asum[None, 1:] - asum[:-1, None])[:, :, None]
+    trans = np.empty((n, n))
+    for i in range(n):
+        trans[i, i:] = np.maximum.accumulate(vec.transient[i:])
+        trans[i, :i] = 0.0
+    state = (state + trans)[:, :, None]
+    plan = solve_stages(
+        latency_s=lat,
+        mesh_devices=[1],
+        total_devices=pp,
+        num_stages=pp,
+        w_sum=1.0,
+        w_max=float(microbatches - 1),
+        p2p_s=vec.p2p[:, None],
+        state_bytes=state,
+        act_bytes=act,
+        inflight=inflight_microbatches(schedule=schedule, num_stages=pp, microbatches=microbatches),
+        capacity_bytes=capacity,
+    )
+    if plan is None:
+        return None
+    return [list(range(i, j + 1)) for i, j in zip(plan.starts, plan.ends)]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+class _Progress:
+    """Plain stderr lines, at most one per second, only once a search has run for a second."""
+
+    __slots__ = ("enabled", "t0", "last", "label")
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.last = self.t0
+        self.label = label
+
+    def tick(self, done: int, total: int, best: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.t0 < 1.0 or now - self.last < 1.0:
+            return
+        self.last = now
+        width = 24
+        filled = int(width * done / max(1, total))
+        best_txt = f"best {best:.3f} s/step" if math.isfinite(best) else "no plan yet"
+        print(
+            f"autopar {self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+            f"{best_txt} ({now - self.t0:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+# ---------------------------------------------------------------------------------------------
+def _options(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
+    return [fixed[key]] if key in fixed else list(default)
+
+
+def _price_shape(
+    ctx: _Context,
+    shape: _Shape,
+    costs: tuple[LayerCost, ...],
+    *,
+    source: str,
+    keep: Callable[[_Priced], None],
+    bound: Callable[[], float],
+    need: list[float],
+) -> None:
+    """Price every schedule / ZeRO / recompute option of one shape; hand feasible ones to keep."""
+    fixed = ctx.fixed
+    info = ctx.info
+    m = ctx.config.global_batch // (shape.dp * shape.b)
+    n = len(info.layers)
+    blocks = [i for i, layer in enumerate(info.layers) if layer_kind(layer.name) == "block"]
+    pp = shape.pp
+    schedules = _options(fixed, "schedule", ("1f1b", "interleaved_1f1b") if pp > 1 else ("1f1b",))
+    if pp == 1:
+        schedules = [s for s in schedules if s != "interleaved_1f1b"] or ["1f1b"]
+    zeros = _options(fixed, "zero", ZERO_STAGES)
+    if shape.dp == 1:
+        zeros = [z for z in zeros if z == 0] or zeros[:1]
+    for recompute in _options(fixed, "recompute", RECOMPUTE):
+        for zero_class in (0, 3):
+            tries = [z for z in zeros if (z == 3) == (zero_class == 3)]
+            if not tries:
+                continue
+            for schedule in schedules:
+                if schedule == "interleaved_1f1b":
+                    per_stage = len(blocks) // pp if pp else 0
+                    vs = _options(fixed, "virtual_stages", [v for v in _divisors(per_stage) if v > 1])
+                    if m % pp:
+                        continue  # Megatron's interleaved schedule needs M divisible by pp
+                    for v in vs:
+                        stages = _interleaved_stages(n, blocks, pp, v)
+                        if stages is None:
+                            continue
+                        _try_zeros(ctx, shape, costs, stages, m, schedule, v, tries, recompute, source, keep, need)
+                    continue
+                uniform = _uniform_stages(n, blocks, pp)
+                found = False
+                for zero in tries:
+                    vec = _vectors(ctx, shape, costs, recompute, zero)
+                    if uniform is not None:
+                        priced = _evaluate(
+                            ctx, shape, vec, stages=uniform, microbatches=m, schedule=schedule,
+                            virtual=1, zero=zero, recompute=recompute, source=source, costs=costs,
+                        )  # fmt: skip
+                        if priced.peak_bytes <= ctx.capacity_bytes:
+                            keep(priced)
+                            found = True
+                        else:
+                            need.append(priced.peak_bytes)
+                    if pp == 1:
+                        if found:
+                            break
+                        continue
+                    # pipeline DP: unequal stages, only when it can still beat the k-th best
+                    total = vec.lat.sum()
+                    lb = total + (m - 1) * max(total / pp, float(vec.lat.max()))
+                    mem_lb = float((vec.weights + vec.grads + vec.optimizer).sum()) / pp
+                    if mem_lb > ctx.capacity_bytes:
+                        need.append(mem_lb)
+                        continue
+                    if lb >= bound() and found:
+                        break
+                    ctx.stats["dp_runs"] = ctx.stats.get("dp_runs", 0) + 1
+                    stages = _dp_stages(vec, pp, m, schedule, ctx.capacity_bytes)
+                    if stages is not None:
+                        priced = _evaluate(
+                            ctx, shape, vec, stages=stages, microbatches=m, schedule=schedule,
+                            virtual=1, zero=zero, recompute=recompute, source=source, costs=costs,
+                        )  # fmt: skip
+                        if priced.peak_bytes <= ctx.capacity_bytes * (1 + 1e-9):
+                            keep(priced)
+                            found = True
+                    if found:
+                        break
+
+
+def _try_zeros(ctx, shape, costs, stages, m, schedule, v, tries, recompute, source, keep, need) -> None:
+    for zero in tries:
+        vec = _vectors(ctx, shape, costs, recompute, zero)
+        priced = _evaluate(
+            ctx, shape, vec, stages=stages, microbatches=m, schedule=schedule, virtual=v,
+            zero=zero, recompute=recompute, source=source, costs=costs,
+        )  # fmt: skip
+        if priced.peak_bytes <= ctx.capacity_bytes:
+            keep(priced)
+            return
+        need.append(priced.peak_bytes)
+
+
+def search(
+    model_or_graph: Any,
+    cluster: Any,
+    config: TrainingConfig | None = None,
+    *,
+    fixed: dict[str, Any] | None = None,
+    top_k: int = 5,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+    layer_pricing: str = "ilp",
+    ilp_shapes: int = 3,
+    attention_kernel: str = "fused",
+) -> Plan:
+    """Search data / tensor / pipeline parallelism, schedule, ZeRO and recompute for a model.
+
+    ``model_or_graph`` is an ``nn.Module`` (traced on meta/fake tensors) or an ``OpGraph``;
+    ``fixed`` pins any of ``FIXED_KEYS`` (e.g. ``{"tp": 8, "pp": 8}`` prices "my current
+    setup" and searches only the rest). ``layer_pricing="analytic"`` skips the intra-op ILP and
+    prices layers with Megatron's split only; ``"ilp"`` (default) refines the best
+    ``ilp_shapes`` (dp, tp, micro-batch) shapes with the ILP. ``attention_kernel`` says how
+    attention runs on the target software stack: ``"fused"`` (FlashAttention, PyTorch SDPA's
+    default on GPUs) or ``"unfused"`` (scores materialised, as in Megatron-LM 2021). Raises InfeasibleError, stating the
+    least memory per device any candidate needed, when nothing fits.
+    """
+    from autopar.cost.collectives import collective_time_s, mesh_collective_time_s
+    from autopar.cost.compute import compute_time_s
+    from autopar.cost.memory import saved_activation_bytes
+    from autopar.topology.mesh import LogicalMesh
+
+    t_start = time.perf_counter()
+    config = config or TrainingConfig()
+    fixed = _check_fixed(fixed)
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise ConfigError(
+            f"unknown attention kernel {attention_kernel!r}",
+            field="attention_kernel",
+            allowed=ATTENTION_KERNELS,
+        )
+    if layer_pricing not in ("ilp", "analytic"):
+        raise ConfigError(
+            f"unknown layer pricing {layer_pricing!r}", field="layer_pricing", allowed=("ilp", "analytic")
+        )
+    info = _prepare(model_or_graph, config)
+    world = int(cluster.num_devices)
+    capacity = float(cluster.memory_bytes) * (1.0 - config.memory_headroom)
+    ctx = _Context(
+        info=info,
+        cluster=cluster,
+        config=config,
+        fixed=fixed,
+        capacity_bytes=capacity,
+        compute_time_s=compute_time_s,
+        mesh_collective_time_s=mesh_collective_time_s,
+        collective_time_s=collective_time_s,
+        saved_activation_bytes=saved_activation_bytes,
+        LogicalMesh=LogicalMesh,
+        attention_kernel=attention_kernel,
+    )
+    shapes = _shapes(info, world, config.global_batch, fixed)
+    if not shapes:
+        raise ConfigError(
+            f"no (dp, tp, pp, micro-batch) layout of {world} devices fits global batch "
+            f"{config.global_batch} with fixed={fixed or {}}: dp must divide the batch, tp the "
+            f"attention heads ({info.heads}), pp at most {info.num_blocks} blocks",
+            field="fixed",
+        )
+
+    best: dict[tuple, _Priced] = {}
+    ranked: list[float] = []
+    need: list[float] = []
+    k = max(1, top_k)
+
+    def keep(p: _Priced) -> None:
+        key = p.key()
+        old = best.get(key)
+        if old is None or p.step_s < old.step_s:
+            best[key] = p
+        ranked.append(p.step_s)
+
+    def bound() -> float:
+        if len(ranked) < k + 1:
+            return math.inf
+        ranked.sort()
+        del ranked[k + 1 :]
+        return ranked[-1]
+
+    bar = _Progress(progress, "search")
+    # cheap order: small tp inside a host and many microbatches first finds good bounds early
+    shapes.sort(key=lambda s: (s.tp > cluster.devices_per_host, s.pp, -s.b))
+    for i, shape in enumerate(shapes):
+        costs = ctx.analytic(shape)
+        _price_shape(ctx, shape, costs, source="analytic", keep=keep, bound=bound, need=need)
+        bar.tick(i + 1, len(shapes), min(ranked) if ranked else math.inf)
+        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+            ctx.stats["stopped_early"] = True
+            break
+
+    if not best:
+        raise _infeasible(info, cluster, config, fixed, need, capacity)
+
+    candidates = sorted(best.values(), key=lambda p: p.step_s)
+    ilp_ran = False
+    if layer_pricing == "ilp":
+        refined: list[_Priced] = []
+        keys: list[_Shape] = []
+        for p in candidates:
+            if p.shape not in keys:
+                keys.append(p.shape)
+            if len(keys) >= ilp_shapes:
+                break
+        budget = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t_start))
+        for shape in keys:
+            per_call = 10.0 if budget is None else max(0.5, budget / (3 * len(keys)))
+            costs = ctx.ilp(shape, time_limit_s=per_call)
+            local: dict[tuple, _Priced] = {}
+
+            def keep_local(p: _Priced, local: dict = local) -> None:
+                old = local.get(p.key())
+                if old is None or p.step_s < old.step_s:
+                    local[p.key()] = p
+
+            _price_shape(
+                ctx, shape, costs, source="ilp", keep=keep_local, bound=lambda: math.inf, need=need
+            )
+            refined.extend(local.values())
+        if refined:
+            # both are feasible shardings of the same candidate: keep the cheaper one (the ILP
+            # searched a space that contains Megatron's split, up to its own pricing details)
+            ilp_ran = True
+            wins = 0
+            for p in refined:
+                old = best.get(p.key())
+                if old is None or p.step_s < old.step_s:
+                    best[p.key()] = p
+                    wins += 1
+            ctx.stats["ilp_candidates"] = len(refined)
+            ctx.stats["ilp_better_than_megatron_split"] = wins
+            candidates = sorted(best.values(), key=lambda p: p.step_s)
+    winner = candidates[0]
+    elapsed = time.perf_counter() - t_start
+    stats = {
+        "time_s": round(elapsed, 3),
+        "shapes": len(shapes),
+        "candidates_priced": len(best),
+        "memory_infeasible": len(need),
+        "pricing": "ilp" if ilp_ran else "analytic",
+        **{k2: v for k2, v in ctx.stats.items()},
+    }
+    if "ilp_time_s" in stats:
+        stats["ilp_time_s"] = round(stats["ilp_time_s"], 3)
+    return _build_plan(ctx, winner, candidates, stats, k)
+
+
+def _infeasible(
+    info: _ModelInfo,
+    cluster: Any,
+    config: TrainingConfig,
+    fixed: dict[str, Any],
+    need: list[float],
+    capacity: float,
+) -> InfeasibleError:
+    least = min(need) if need else float(info.param_count) * (
+        config.dtype_bytes * 2 + config.optimizer_state_bytes
+    ) / max(1, cluster.num_devices)
+    suggestions = []
+    per_host = cluster.devices_per_host
+    factor = least / max(capacity, 1.0)
+    hosts = math.ceil(cluster.num_hosts * factor) if factor > 1 else cluster.num_hosts + 1
+    suggestions.append(
+        f"use at least {hosts} hosts ({hosts * per_host} devices) so the model states spread further"
+    )
+    if fixed.get("zero", 3) != 3:
+        suggestions.append("allow ZeRO-3 (shard weights, gradients and optimizer state over dp)")
+    if fixed.get("recompute", "full") != "full":
+        suggestions.append("use full activation recompute (keep only each layer's input)")
+    if fixed.get("micro_batch_size", 1) != 1:
+        suggestions.append("use micro-batch size 1")
+    for key in ("tp", "pp", "dp"):
+        if key in fixed:
+            suggestions.append(f"unpin {key}={fixed[key]} so the search can split the model further")
+    return InfeasibleError(
+        f"{info.name} ({info.param_count / 1e9:.2f}B parameters) does not fit on "
+        f"{cluster.num_devices} x {cluster.device.name} with batch {config.global_batch} in any "
+        "layout searched",
+        needed_bytes=float(least),
+        available_bytes=float(capacity),
+        suggestions=suggestions,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# plan assembly
+# ---------------------------------------------------------------------------------------------
+def _prediction(ctx: _Context, p: _Priced) -> Prediction:
+    cfg = ctx.config
+    info = ctx.info
+    world = p.shape.pp * p.shape.dp * p.shape.tp
+    tokens = cfg.global_batch * info.seq_len
+    model_flops = (info.fwd_flops_per_seq + info.bwd_flops_per_seq) * cfg.global_batch
+    tflops = model_flops / (p.step_s * world) / 1e12
+    peak = ctx.cluster.device.peak_flop_per_s(cfg.dtype)
+    return Prediction(
+        step_time_s=p.step_s,
+        tokens_per_s=tokens / p.step_s,
+        tflops_per_device=tflops,
+        mfu=tflops * 1e12 / peak,
+        memory_gib_per_device=p.peak_bytes / GiB,
+        breakdown=p.breakdown,
+        memory=p.memory,
+    )
+
+
+def _why(alt: _Priced, win: _Priced) -> str:
+    terms = {t: getattr(alt.breakdown, t) - getattr(win.breakdown, t) for t in TIME_TERMS}
+    term, delta = max(terms.items(), key=lambda kv: kv[1])
+    gap = alt.step_s - win.step_s
+    if gap <= 1e-12 * max(1.0, win.step_s):
+        return "ties on time; " + ("more memory" if alt.peak_bytes > win.peak_bytes else "less simple")
+    return f"+{_fmt(gap)} ({100 * gap / win.step_s:.1f}%), most on {_TERM_WORDS[term]} (+{_fmt(delta)})"
+
+
+def _fmt(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1.0 else f"{s:.2f} s"
+
+
+def _alternative(p: _Priced, win: _Priced) -> Alternative:
+    return Alternative(
+        parallel=p.parallel,
+        microbatches=p.microbatches,
+        micro_batch_size=p.shape.b,
+        schedule=p.schedule,
+        zero_stage=p.zero,
+        recompute=p.recompute,
+        step_time_s=p.step_s,
+        memory_gib_per_device=p.peak_bytes / GiB,
+        why=_why(p, win) if p is not win else "chosen",
+    )
+
+
+def _host_mapping(cluster: Any, shape: _Shape) -> str:
+    per_host = cluster.devices_per_host
+    parts = []
+    inner = 1
+    for name, deg in (("tp", shape.tp), ("dp", shape.dp), ("pp", shape.pp)):
+        if deg == 1:
+            continue
+        lo, hi = inner, inner * deg
+        if hi <= per_host:
+            parts.append(f"{name}={deg} inside a host")
+        elif lo >= per_host:
+            parts.append(f"{name}={deg} across hosts")
+        else:
+            parts.append(f"{name}={deg} spans {hi // per_host} hosts ({per_host // lo} per host)")
+        inner = hi
+    body = ", ".join(parts) if parts else "single device"
+    return f"{body} ({per_host} devices per host, tp innermost)"
+
+
+def _build_plan(
+    ctx: _Context, win: _Priced, candidates: list[_Priced], stats: dict[str, Any], k: int
+) -> Plan:
+    info = ctx.info
+    shape = win.shape
+    names = [layer.name for layer in info.layers]
+    size = shape.dp * shape.tp
+    stages = tuple(
+        Stage(
+            layers=tuple(names[i] for i in layers),
+            devices=tuple(range(s * size, (s + 1) * size)),
+        )
+        for s, layers in enumerate(win.stages)
+    )
+    placements: dict[str, tuple[str, ...]] = {}
+    for cost in win.costs:
+        for fqn, pl in cost.placements.items():
+            if win.zero == 3 and shape.dp > 1 and pl and pl[0] == "R":
+                pl = ("S(0)", *pl[1:])  # ZeRO-3 / FSDP shards each weight over dp on dim 0
+            placements[fqn] = tuple(pl)
+    alternatives = []
+    seen = {win.key()}
+    for p in candidates:
+        if len(alternatives) >= k:
+            break
+        if p.key() in seen:
+            continue
+        seen.add(p.key())
+        alternatives.append(_alternative(p, win))
+    landscape: dict[tuple[int, int, int], _Priced] = {}
+    for p in candidates:
+        key = (p.shape.dp, p.shape.tp, p.shape.pp)
+        if key not in landscape or p.step_s < landscape[key].step_s:
+            landscape[key] = p
+    land = tuple(
+        replace(_alternative(p, win), why=("chosen" if p is win else _why(p, win)))
+        for p in sorted(landscape.values(), key=lambda p: p.step_s)
+    )
+    stats = dict(stats)
+    stats["winner_pricing"] = win.source
+    if win.source == "ilp":
+        st = {c.status for c in win.costs}
+        stats["winner_ilp_status"] = ",".join(sorted(st))
+        stats["winner_ilp_gap"] = max((c.gap for c in win.costs), default=0.0)
+    return Plan(
+        model=info.name,
+        cluster=f"{ctx.cluster.name}",
+        num_devices=shape.pp * shape.dp * shape.tp,
+        global_batch=ctx.config.global_batch,
+        seq_len=info.seq_len,
+        dtype=ctx.config.dtype,
+        parallel=win.parallel,
+        mesh=Mesh(
+            shape=(shape.pp, shape.dp, shape.tp),
+            dim_names=("pp", "dp", "tp"),
+            host_mapping=_host_mapping(ctx.cluster, shape),
+        ),
+        stages=stages,
+        microbatches=win.microbatches,
+        micro_batch_size=shape.b,
+        schedule=win.schedule,
+        virtual_stages=win.virtual_stages,
+        zero_stage=win.zero,
+        recompute=win.recompute,
+        sequence_parallel=ctx.sequence_parallel(shape.tp),
+        placements=placements,
+        predicted=_prediction(ctx, win),
+        alternatives=tuple(alternatives),
+        landscape=land,
+        solver=stats,
+    )

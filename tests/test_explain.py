@@ -1,0 +1,160 @@
+"""Plan text rendering and the torchtitan / Megatron-LM emitters."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from autopar.errors import ConfigError
+from autopar.explain import emit, render
+from autopar.plan import (
+    Alternative,
+    MemoryBreakdown,
+    Mesh,
+    Parallel,
+    Plan,
+    Prediction,
+    Stage,
+    TimeBreakdown,
+)
+
+GiB = 1024**3
+
+
+def _plan(**over) -> Plan:
+    blocks = [f"layers.{i}" for i in range(8)]
+    fields = dict(
+        model="gpt-test",
+        cluster="dgx-a100 x2",
+        num_devices=16,
+        global_batch=64,
+        seq_len=2048,
+        dtype="bf16",
+        parallel=Parallel(dp=2, tp=4, pp=2),
+        mesh=Mesh(shape=(2, 2, 4), dim_names=("pp", "dp", "tp"), host_mapping="tp=4 inside a host"),
+        stages=(
+            Stage(layers=("embed", *blocks[:3]), devices=tuple(range(8))),
+            Stage(layers=(*blocks[3:], "head"), devices=tuple(range(8, 16))),
+        ),
+        microbatches=16,
+        micro_batch_size=2,
+        schedule="1f1b",
+        zero_stage=1,
+        recompute="selective",
+        sequence_parallel=True,
+        placements={"layers.0.attn.q.weight": ("R", "S(0)")},
+        predicted=Prediction(
+            step_time_s=1.25,
+            tokens_per_s=64 * 2048 / 1.25,
+            tflops_per_device=150.0,
+            mfu=150 / 312,
+            memory_gib_per_device=40.0,
+            breakdown=TimeBreakdown(compute=1.0, tp_comm=0.1, pp_bubble=0.1, dp_comm=0.05),
+            memory=MemoryBreakdown(weights=10 * GiB, grads=10 * GiB, optimizer=5 * GiB,
+                                   activations=15 * GiB, capacity=72 * GiB),
+        ),  # fmt: skip
+        alternatives=(
+            Alternative(
+                parallel=Parallel(dp=1, tp=8, pp=2), microbatches=32, micro_batch_size=2,
+                schedule="1f1b", zero_stage=0, recompute="none", step_time_s=1.5,
+                memory_gib_per_device=50.0, why="+250.0 ms (20.0%), most on tensor-parallel comm",
+            ),
+        ),  # fmt: skip
+        landscape=(
+            Alternative(
+                parallel=Parallel(dp=2, tp=4, pp=2), microbatches=16, micro_batch_size=2,
+                schedule="1f1b", zero_stage=1, recompute="selective", step_time_s=1.25,
+                memory_gib_per_device=40.0, why="chosen",
+            ),
+        ),  # fmt: skip
+        solver={"time_s": 0.5, "candidates_priced": 42},
+    )
+    fields.update(over)
+    return Plan(**fields)
+
+
+def test_render_names_every_section() -> None:
+    text = render(_plan())
+    for needle in (
+        "dgx-a100 x2",
+        "dp=2 tp=4 pp=2",
+        "tp=4 inside a host",
+        "embed, layers.0-2",
+        "layers.3-7, head",
+        "ranks 0-7",
+        "1f1b",
+        "stage 1",
+        "selective",
+        "sequence parallel: on",
+        "1.250 s",
+        "MFU              48.1%",
+        "40.0 GiB of 72.0 GiB",
+        "pipeline bubble",
+        "activations",
+        "runners-up",
+        "most on tensor-parallel comm",
+        "best per (dp, tp, pp)",
+        "candidates_priced=42",
+    ):
+        assert needle in text, needle
+
+
+def test_render_survives_json_round_trip() -> None:
+    plan = _plan()
+    again = Plan.from_json(plan.to_json())
+    assert render(again) == render(plan)
+
+
+def test_torchtitan_toml_parses_and_maps_degrees() -> None:
+    text = emit(_plan(), "torchtitan")
+    doc = tomllib.loads(text)
+    par = doc["parallelism"]
+    assert par["tensor_parallel_degree"] == 4
+    assert par["pipeline_parallel_degree"] == 2
+    assert par["data_parallel_shard_degree"] == 2  # ZeRO-1 -> FSDP (noted as inexact)
+    assert par["data_parallel_replicate_degree"] == 1
+    assert par["pipeline_parallel_schedule"] == "1F1B"
+    assert par["pipeline_parallel_microbatch_size"] == 2
+    assert par["pipeline_parallel_split_points"] == ["layers.3"]
+    assert doc["activation_checkpoint"]["mode"] == "selective"
+    assert doc["training"]["local_batch_size"] == 32
+    assert "ZeRO-1 has no exact torchtitan equivalent" in text
+
+
+def test_torchtitan_ddp_and_interleaved() -> None:
+    plan = _plan(zero_stage=0, schedule="interleaved_1f1b", virtual_stages=2, recompute="full")
+    doc = tomllib.loads(emit(plan, "torchtitan"))
+    assert doc["parallelism"]["data_parallel_replicate_degree"] == 2
+    assert doc["parallelism"]["data_parallel_shard_degree"] == 1
+    assert doc["parallelism"]["pipeline_parallel_schedule"] == "Interleaved1F1B"
+    assert doc["parallelism"]["pipeline_parallel_layers_per_stage"] == 2
+    assert doc["activation_checkpoint"]["mode"] == "full"
+
+
+def test_megatron_flags() -> None:
+    text = emit(_plan(recompute="full"), "megatron")
+    for flag in (
+        "--tensor-model-parallel-size 4",
+        "--pipeline-model-parallel-size 2",
+        "--micro-batch-size 2",
+        "--global-batch-size 64",
+        "--sequence-parallel",
+        "--recompute-granularity full",
+        "--recompute-method uniform",
+        "--use-distributed-optimizer",
+        "--decoder-first-pipeline-num-layers 3",
+        "--decoder-last-pipeline-num-layers 5",
+        "--bf16",
+    ):
+        assert flag in text, flag
+    inter = emit(_plan(schedule="interleaved_1f1b", virtual_stages=2), "megatron")
+    assert "--num-layers-per-virtual-pipeline-stage 2" in inter
+    assert "--recompute-granularity selective" in inter
+    z3 = emit(_plan(zero_stage=3), "megatron")
+    assert "ZeRO-3" in z3 and "weights stay replicated" in z3
+
+
+def test_unknown_format_names_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError, match="torchtitan, megatron"):
+        emit(_plan(), "deepspeed")
