@@ -56,7 +56,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from autopar.topology.load import load_cluster
 
 
+_SUBMODULES = ("models", "explain", "graph", "topology", "cost", "sharding", "solver", "emit")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"autopar.{name}")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'autopar' has no attribute {name!r}")

@@ -115,8 +115,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from autopar.topology.load import load_cluster
 
     cluster = load_cluster(args.cluster, nodes=args.nodes)
-    overrides = {"seq_len": args.seq} if args.seq else {}
-    model = parse_model_spec(args.model, **overrides)
+    model = parse_model_spec(_with_seq_len(args.model, args.seq))
     config = TrainingConfig(
         global_batch=args.global_batch if args.global_batch is not None else 512,
         seq_len=args.seq,
@@ -153,11 +152,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from autopar.models import list_models
 
     rows = list_models()
-    print(f"{'name':<14} {'family':<8} {'parameters':>12}")
+    print(f"{'name':<14} {'family':<8} {'parameters':>11} {'published':>10}")
     for row in rows:
-        print(f"{row['name']:<14} {row['family']:<8} {_human_count(row['params']):>12}")
-    print("\nParametric families: " + ", ".join(sorted({r["family"] for r in rows}))
-          + "  (e.g. gpt:layers=48,hidden=8192,heads=64)")  # fmt: skip
+        published = _human_count(row.published_params) if row.published_params else "-"
+        print(f"{row.name:<14} {row.family:<8} {_human_count(row.params):>11} {published:>10}")
+    families = ", ".join(sorted({r.family for r in rows}))
+    print(f"\nParametric families: {families}  (e.g. gpt:layers=48,hidden=8192,heads=64)")
     return EXIT_OK
 
 
@@ -188,6 +188,20 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         raise ConfigError("missing the training script: autopar launch PLAN.json -- train.py [args]",
                           field="script")  # fmt: skip
     return launch(args.plan, script, dry_run=args.dry_run)
+
+
+def _with_seq_len(spec: str, seq: int | None) -> str:
+    """Rebuild a zoo or family model at the requested sequence length (it sizes positions)."""
+    from autopar.models import PRESETS
+
+    if seq is None:
+        return spec
+    if spec in PRESETS:
+        family, kwargs = PRESETS[spec]
+        return f"{family}:" + ",".join(f"{k}={v}" for k, v in {**kwargs, "seq_len": seq}.items())
+    if ":" in spec and "=" in spec.split(":", 1)[1]:
+        return f"{spec},seq_len={seq}"
+    return spec
 
 
 def _human_count(n: float) -> str:

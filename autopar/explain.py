@@ -250,7 +250,9 @@ def _emit_torchtitan(plan: Plan) -> str:
     if plan.recompute == "selective":
         lines.append('selective_ac_option = "op"')
     if plan.sequence_parallel:
-        lines.append("# sequence parallelism is applied by torchtitan together with tensor parallel")
+        lines.append(
+            "# sequence parallelism is applied by torchtitan together with tensor parallel"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +301,9 @@ def _emit_megatron(plan: Plan) -> str:
             + ("weights stay replicated" if plan.zero_stage == 3 else "close to ZeRO-2")
         )
     if plan.schedule == "gpipe" and p.pp > 1:
-        notes.append("Megatron always runs 1F1B (interleaved with virtual stages); GPipe not available")
+        notes.append(
+            "Megatron always runs 1F1B (interleaved with virtual stages); GPipe not available"
+        )
     if plan.dtype in ("bf16", "fp16"):
         args.append(f"--{plan.dtype}")
     notes.append(

@@ -24,7 +24,9 @@ Like with like: the paper's TFLOP/s uses ``F = 96·B·s·l·h²·(1 + s/(6h) + V
 + recomputed forward + backward), so a predicted step time T gives ``F / (T · gpus)``.
 
 Then plan quality: a free search on the same model, cluster and batch must predict at least the
-published configuration's throughput (both priced by the same model).
+published configuration's throughput (both priced by the same model). The "free" column is
+``F / (T_free · gpus)``: the same amount of useful work per step as the published row, so it is
+a throughput comparison even when the free plan recomputes less (its hardware FLOP/s differ).
 
 Run: ``python benchmarks/megatron.py [--table 1|2|both] [--no-free] [--rows N]``.
 """
@@ -52,7 +54,9 @@ SEQ = 2048
 VOCAB = 51200
 
 
-def megatron_flops(*, batch: int, layers: int, hidden: int, seq: int = SEQ, vocab: int = VOCAB) -> float:
+def megatron_flops(
+    *, batch: int, layers: int, hidden: int, seq: int = SEQ, vocab: int = VOCAB
+) -> float:
     """FLOPs per iteration as Megatron-LM counts them (SC21 eq. 3, full recompute included)."""
     h, s, ell = hidden, seq, layers
     return 96.0 * batch * s * ell * h * h * (1.0 + s / (6.0 * h) + vocab / (16.0 * ell * h))
@@ -92,9 +96,11 @@ def price(
 
 
 def tflops(plan, *, batch: int, layers: int, hidden: int, gpus: int) -> float:
-    return megatron_flops(batch=batch, layers=layers, hidden=hidden) / (
-        plan.predicted.step_time_s * gpus
-    ) / 1e12
+    return (
+        megatron_flops(batch=batch, layers=layers, hidden=hidden)
+        / (plan.predicted.step_time_s * gpus)
+        / 1e12
+    )
 
 
 def _describe(plan) -> str:
@@ -112,7 +118,7 @@ def table1(*, free: bool, rows: int | None) -> list[float]:
     print(f"\n== Table 1: {path.name} (Megatron-LM SC21, weak scaling) ==")
     print(
         f"{'params':>7} {'gpus':>5} {'tp':>2} {'pp':>3} {'B':>5} | {'meas':>5} {'pred':>6} "
-        f"{'err%':>6} | {'free':>6} free plan"
+        f"{'err%':>6} | {'free':>6} free plan (same F / step time)"
     )
     errors = []
     for r in data:
@@ -126,9 +132,13 @@ def table1(*, free: bool, rows: int | None) -> list[float]:
         plan = price(layers=layers, hidden=hidden, heads=heads, gpus=gpus, batch=batch, fixed=fixed)
         if plan is None and pp > 1:  # interleaving impossible for this split: plain 1F1B
             fixed.pop("schedule")
-            plan = price(layers=layers, hidden=hidden, heads=heads, gpus=gpus, batch=batch, fixed=fixed)
+            plan = price(
+                layers=layers, hidden=hidden, heads=heads, gpus=gpus, batch=batch, fixed=fixed
+            )
         if plan is None:
-            print(f"{r['params_billion']:>7} {gpus:>5} {tp:>2} {pp:>3} {batch:>5} | no feasible plan")
+            print(
+                f"{r['params_billion']:>7} {gpus:>5} {tp:>2} {pp:>3} {batch:>5} | no feasible plan"
+            )
             continue
         pred = tflops(plan, batch=batch, layers=layers, hidden=hidden, gpus=gpus)
         err = 100.0 * (pred - measured) / measured
@@ -180,7 +190,9 @@ def table2(*, free: bool) -> list[float]:
         t0 = time.perf_counter()
         plan = price(layers=layers, hidden=hidden, heads=heads, gpus=gpus, batch=batch, fixed=fixed)
         if plan is None:
-            print(f"{r['scheme']:>6} {r['params_billion']:>7} {gpus:>5} {batch:>5} {mb:>3} | no plan")
+            print(
+                f"{r['scheme']:>6} {r['params_billion']:>7} {gpus:>5} {batch:>5} {mb:>3} | no plan"
+            )
             continue
         pred = tflops(plan, batch=batch, layers=layers, hidden=hidden, gpus=gpus)
         err = 100.0 * (pred - measured) / measured

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
+import tomllib
 
 from autopar.errors import ConfigError
 from autopar.explain import emit, render
@@ -51,21 +50,38 @@ def _plan(**over) -> Plan:
             mfu=150 / 312,
             memory_gib_per_device=40.0,
             breakdown=TimeBreakdown(compute=1.0, tp_comm=0.1, pp_bubble=0.1, dp_comm=0.05),
-            memory=MemoryBreakdown(weights=10 * GiB, grads=10 * GiB, optimizer=5 * GiB,
-                                   activations=15 * GiB, capacity=72 * GiB),
+            memory=MemoryBreakdown(
+                weights=10 * GiB,
+                grads=10 * GiB,
+                optimizer=5 * GiB,
+                activations=15 * GiB,
+                capacity=72 * GiB,
+            ),
         ),  # fmt: skip
         alternatives=(
             Alternative(
-                parallel=Parallel(dp=1, tp=8, pp=2), microbatches=32, micro_batch_size=2,
-                schedule="1f1b", zero_stage=0, recompute="none", step_time_s=1.5,
-                memory_gib_per_device=50.0, why="+250.0 ms (20.0%), most on tensor-parallel comm",
+                parallel=Parallel(dp=1, tp=8, pp=2),
+                microbatches=32,
+                micro_batch_size=2,
+                schedule="1f1b",
+                zero_stage=0,
+                recompute="none",
+                step_time_s=1.5,
+                memory_gib_per_device=50.0,
+                why="+250.0 ms (20.0%), most on tensor-parallel comm",
             ),
         ),  # fmt: skip
         landscape=(
             Alternative(
-                parallel=Parallel(dp=2, tp=4, pp=2), microbatches=16, micro_batch_size=2,
-                schedule="1f1b", zero_stage=1, recompute="selective", step_time_s=1.25,
-                memory_gib_per_device=40.0, why="chosen",
+                parallel=Parallel(dp=2, tp=4, pp=2),
+                microbatches=16,
+                micro_batch_size=2,
+                schedule="1f1b",
+                zero_stage=1,
+                recompute="selective",
+                step_time_s=1.25,
+                memory_gib_per_device=40.0,
+                why="chosen",
             ),
         ),  # fmt: skip
         solver={"time_s": 0.5, "candidates_priced": 42},

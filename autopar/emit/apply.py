@@ -236,12 +236,6 @@ def apply_plan(model: nn.Module, plan: Plan, *, loss_fn: LossFn | None = None) -
         model_layer_names=lmap.names if plan.parallel.pp > 1 else None,
     )
     _check_tied_parameters(model, plan)
-    if plan.sequence_parallel:
-        warnings.warn(
-            "plan.sequence_parallel is not applied by the emitter: activations between blocks "
-            "stay replicated over tp (same numbers, more activation memory than planned)",
-            stacklevel=2,
-        )
     layout = rank_layout(plan, rank)
     loss_fn = loss_fn or cross_entropy_loss
 
@@ -280,7 +274,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, loss_fn: LossFn | None = None) -
             else [module]
         )
         if plan.parallel.tp > 1:
-            assignments += apply_tensor_parallel(module, tp_mesh=mesh["tp"], tp_of=tp_of)
+            assignments += apply_tensor_parallel(
+                module,
+                tp_mesh=mesh["tp"],
+                tp_of=tp_of,
+                sequence_parallel=plan.sequence_parallel,
+            )
         apply_activation_checkpointing(
             blocks if plan.recompute != "none" else (), mode=plan.recompute
         )
@@ -292,7 +291,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, loss_fn: LossFn | None = None) -
                 blocks=blocks if stage_map.container else (),
                 shard_dims=dp_dims,
             )
-    if plan.parallel.tp > 1 and not any(a.style for a in assignments):
+    if plan.parallel.tp > 1 and not assignments:
         warnings.warn(
             f"tp={plan.parallel.tp} but the plan shards no parameter on tp: every tp rank "
             "computes the same thing",

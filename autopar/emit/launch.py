@@ -92,10 +92,12 @@ def launch(
     plan = Plan.from_json(path)
     cmd = torchrun_command(plan, script_argv, nnodes=nnodes)
     if dry_run:
-        shown = (
-            shlex.join(cmd)
-            .replace("'${MASTER_ADDR}", '"${MASTER_ADDR}')
-            .replace(f":{RDZV_PORT}'", f':{RDZV_PORT}"')
+        # quote every argument but leave ${MASTER_ADDR} for the shell to expand
+        shown = " ".join(
+            c.replace("${MASTER_ADDR}", '"${MASTER_ADDR}"')
+            if "${MASTER_ADDR}" in c
+            else shlex.quote(c)
+            for c in cmd
         )
         print(f"{PLAN_ENV}={shlex.quote(str(path))} {shown}")
         return 0

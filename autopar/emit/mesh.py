@@ -146,6 +146,12 @@ def _check_knobs(plan: Plan) -> None:
             "must both be >= 1",
             field="microbatches",
         )
+    tp = plan.mesh.degree("tp")
+    if plan.sequence_parallel and tp > 1 and plan.seq_len % tp:
+        raise ConfigError(
+            f"sequence parallelism splits seq_len={plan.seq_len} over tp={tp} unevenly",
+            field="sequence_parallel",
+        )
     if plan.virtual_stages < 1:
         raise ConfigError(
             f"virtual_stages={plan.virtual_stages} must be >= 1", field="virtual_stages"

@@ -59,10 +59,11 @@ def layer_map(model: nn.Module) -> LayerMap:
     a container of blocks, head modules) can be cut into stages.
     """
     children = list(model.named_children())
+    # an emptied container (a pipeline stage without blocks) still marks the embed/head split
     containers = [
         (len(m), i, name)
         for i, (name, m) in enumerate(children)
-        if isinstance(m, nn.ModuleDict | nn.ModuleList) and len(m) > 0
+        if isinstance(m, nn.ModuleDict | nn.ModuleList)
     ]
     if not containers:
         return LayerMap(container=None, blocks=(), embed=tuple(n for n, _ in children), head=())

@@ -18,6 +18,11 @@ in the same parent module is rowwise, the parent's forward being ``rowwise(f(col
 (attention ``q,k,v -> o``, MLP ``up -> down``); otherwise its output is gathered. Likewise a
 rowwise Linear expects a sharded input only when it has a colwise sibling. Model code must be
 TP-agnostic in the local view (attention reshapes with ``-1`` heads, as the zoo does).
+
+Sequence parallelism (``plan.sequence_parallel``) additionally keeps the activations between
+tensor-parallel regions sharded on the sequence dim: norms run on sequence shards
+(``SequenceParallel``), regions all-gather on entry and their row-parallel Linear
+reduce-scatters on exit; ``sequence_parallel_roles`` decides where from the block structure.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from autopar.errors import ConfigError
 from autopar.plan import parse_placement
 
-__all__ = ["TPAssignment", "tp_styles", "apply_tensor_parallel"]
+__all__ = ["TPAssignment", "tp_styles", "sequence_parallel_roles", "apply_tensor_parallel"]
 
+SEQ_DIM = 1
+"""Sequence dim of activations ``[batch, seq, hidden]`` (sequence parallelism shards it)."""
+SEQ_SHARD = Shard(SEQ_DIM)
 COLWISE = "colwise"
 ROWWISE = "rowwise"
 DISTRIBUTE = "distribute"
@@ -117,8 +126,14 @@ def tp_styles(model: nn.Module, *, tp_of: Mapping[str, str]) -> list[TPAssignmen
     return out
 
 
-def _distribute_style(target: nn.Module, placements: Mapping[str, str]):
-    """Partition/input/output functions for ``distribute_module`` with planned placements."""
+def _distribute_style(
+    target: nn.Module, placements: Mapping[str, str], *, seq_in: bool, seq_out: bool
+):
+    """Partition/input/output functions for ``distribute_module`` with planned placements.
+
+    Inputs arrive as local tensors, sequence-sharded when ``seq_in`` (sequence parallelism),
+    else replicated; outputs leave as local tensors, sequence-sharded when ``seq_out``.
+    """
     import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -134,61 +149,180 @@ def _distribute_style(target: nn.Module, placements: Mapping[str, str]):
             module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
 
     def input_fn(module, inputs, mesh):
-        return tuple(
-            DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-            if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)
-            else x
-            for x in inputs
-        )
+        def enter(x):
+            if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+                return x
+            if seq_in:
+                return DTensor.from_local(x, mesh, [SEQ_SHARD], run_check=False).redistribute(
+                    mesh, [Replicate()]
+                )
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+
+        return tuple(enter(x) for x in inputs)
 
     def output_fn(module, outputs, mesh):
-        def local(x):
+        def leave(x):
             if isinstance(x, DTensor):
-                return x.redistribute(mesh, [Replicate()]).to_local()
+                return x.redistribute(mesh, [SEQ_SHARD if seq_out else Replicate()]).to_local()
             return x
 
         if isinstance(outputs, tuple):
-            return tuple(local(x) for x in outputs)
-        return local(outputs)
+            return tuple(leave(x) for x in outputs)
+        return leave(outputs)
 
     return partition_fn, input_fn, output_fn
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """Token-wise normalisation layers (the ones ``SequenceParallel`` supports)."""
+    return isinstance(module, nn.LayerNorm | nn.RMSNorm) or type(module).__name__.endswith("Norm")
+
+
+def sequence_parallel_roles(model: nn.Module, *, assignments: list[TPAssignment]) -> dict[str, str]:
+    """Where activations change layout under sequence parallelism (Korthikanti et al. 2022).
+
+    Between tensor-parallel regions activations are sharded on the sequence dim (dim 1) over
+    tp. Roles, by module name:
+
+    * ``enter``: first block of a stage that also holds the embedding: replicated -> sharded.
+    * ``norm``: a normalisation layer with replicated parameters inside a block or the head:
+      runs on its sequence shard (``SequenceParallel``; its weight gradients are all-reduced).
+    * ``gather``: a block child holding a column->row Linear pair: all-gather the sequence on
+      entry; its row-parallel Linear reduce-scatters back to sequence shards.
+    * ``gather_scatter``: any other block child (it may mix tokens, e.g. attention with
+      replicated weights): all-gather on entry, keep this rank's sequence shard on exit.
+    * ``exit``: the first head module after the norms: all-gather the sequence.
+
+    Pure, so it is unit-tested without processes. Assumes the model's own ``forward`` does
+    nothing token-mixing between blocks (true of the zoo; rotary tables are built per block).
+    """
+    from autopar.emit.pipeline import layer_map
+
+    lmap = layer_map(model)
+    if lmap.container is None:
+        return {}
+    paired_parents = {
+        a.module.rpartition(".")[0] for a in assignments if a.sharded_io and a.style == ROWWISE
+    }
+    roles: dict[str, str] = {}
+    blocks = list(getattr(model, lmap.container).named_children())
+    has_embed = any(getattr(model, n) is not None for n in lmap.embed)
+    if has_embed and not blocks:
+        raise ConfigError(
+            "sequence parallelism needs a block in the stage that holds the embedding",
+            field="sequence_parallel",
+        )
+    for i, (key, block) in enumerate(blocks):
+        bname = f"{lmap.container}.{key}"
+        if i == 0 and has_embed:
+            roles[bname] = "enter"
+        for cname, child in block.named_children():
+            name = f"{bname}.{cname}"
+            if isinstance(child, nn.Dropout):
+                continue
+            if _is_norm(child) and not _tp_sharded(name, assignments):
+                roles[name] = "norm"
+            elif name in paired_parents:
+                roles[name] = "gather"
+            else:
+                roles[name] = "gather_scatter"
+    if blocks or not has_embed:
+        for hname in lmap.head:
+            child = getattr(model, hname)
+            if child is None:
+                continue
+            if _is_norm(child) and not _tp_sharded(hname, assignments):
+                roles[hname] = "norm"
+                continue
+            roles[hname] = "exit"
+            break
+    return roles
+
+
+def _tp_sharded(name: str, assignments: list[TPAssignment]) -> bool:
+    return any(a.module == name for a in assignments)
+
+
 def apply_tensor_parallel(
-    model: nn.Module, *, tp_mesh, tp_of: Mapping[str, str]
+    model: nn.Module,
+    *,
+    tp_mesh,
+    tp_of: Mapping[str, str],
+    sequence_parallel: bool = False,
 ) -> list[TPAssignment]:
     """Turn the planned tp placements into DTensor parameters on ``tp_mesh``, in place.
 
-    Returns the assignments applied (the caller can log them or assert on them).
+    With ``sequence_parallel`` the activations between tensor-parallel regions are also
+    sharded over tp on the sequence dim (see ``sequence_parallel_roles``). Returns the
+    assignments applied (the caller can log them or assert on them).
     """
-    from torch.distributed.tensor import Replicate, Shard, distribute_module
+    from torch.distributed.tensor import Replicate, distribute_module
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
         RowwiseParallel,
+        SequenceParallel,
         parallelize_module,
     )
 
     plan = tp_styles(model, tp_of=tp_of)
+    roles = sequence_parallel_roles(model, assignments=plan) if sequence_parallel else {}
     styles = {}
     for a in plan:
         mod = model.get_submodule(a.module)
+        role = roles.get(a.module)
+        if role in ("gather_scatter", "exit"):
+            del roles[a.module]  # folded into the module's own TP style below
+        seq_in = role in ("gather_scatter", "exit")
+        seq_out = role == "gather_scatter"
+        parent_role = roles.get(a.module.rpartition(".")[0])
+        in_layout = SEQ_SHARD if seq_in else Replicate()
         if a.style == DISTRIBUTE:
-            part, inp, outp = _distribute_style(mod, dict(a.placements))
+            part, inp, outp = _distribute_style(
+                mod, dict(a.placements), seq_in=seq_in, seq_out=seq_out
+            )
             distribute_module(mod, tp_mesh, part, input_fn=inp, output_fn=outp)
             continue
         if isinstance(mod, nn.Embedding):
+            out = SEQ_SHARD if seq_out else Replicate()
             styles[a.module] = (
-                RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+                RowwiseParallel(input_layouts=Replicate(), output_layouts=out)
                 if a.style == ROWWISE
-                else ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+                else ColwiseParallel(input_layouts=Replicate(), output_layouts=out)
             )
         elif a.style == COLWISE:
-            styles[a.module] = ColwiseParallel(
-                output_layouts=Shard(-1) if a.sharded_io else Replicate()
+            out = Shard(-1) if a.sharded_io else SEQ_SHARD if seq_out else Replicate()
+            styles[a.module] = ColwiseParallel(input_layouts=in_layout, output_layouts=out)
+        else:
+            scatter = seq_out or (a.sharded_io and parent_role == "gather")
+            styles[a.module] = RowwiseParallel(
+                input_layouts=Shard(-1) if a.sharded_io else in_layout,
+                output_layouts=SEQ_SHARD if scatter else Replicate(),
+            )
+    for name, role in roles.items():
+        if role == "enter":
+            styles[name] = PrepareModuleInput(
+                input_layouts=(Replicate(),),
+                desired_input_layouts=(SEQ_SHARD,),
+                use_local_output=True,
+            )
+        elif role == "norm":
+            styles[name] = SequenceParallel(sequence_dim=1, use_local_output=True)
+        elif role in ("gather", "exit"):
+            styles[name] = PrepareModuleInput(
+                input_layouts=(SEQ_SHARD,),
+                desired_input_layouts=(Replicate(),),
+                use_local_output=True,
             )
         else:
-            styles[a.module] = RowwiseParallel(
-                input_layouts=Shard(-1) if a.sharded_io else Replicate()
+            styles[name] = PrepareModuleInputOutput(
+                input_layouts=(SEQ_SHARD,),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(SEQ_SHARD,),
+                use_local_output=True,
             )
     if styles:
         parallelize_module(model, tp_mesh, styles)

@@ -150,10 +150,23 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+DTYPES: Mapping[str, torch.dtype] = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
+}  # fmt: skip
+"""Dtype spellings accepted in spec strings and YAML (``gpt3-175b:dtype=bf16``)."""
+
+
 def _call_family(
     family: str, kwargs: Mapping[str, Any], *, device: str | torch.device, where: str | None
 ) -> nn.Module:
     factory = FAMILIES[family]
+    dtype = kwargs.get("dtype")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{dtype}'", file=where, field="dtype",
+                              allowed=sorted(DTYPES))  # fmt: skip
+        kwargs = {**kwargs, "dtype": DTYPES[dtype]}
     allowed = [p for p in inspect.signature(factory).parameters if p not in ("device", "dtype")]
     for key in kwargs:
         if key not in allowed and key != "dtype":
@@ -276,7 +289,8 @@ def parse_model_spec(spec: str, *, device: str | torch.device = "meta") -> nn.Mo
     """Build the model a user names on the command line.
 
     Accepted forms: a zoo name (``gpt3-175b``); a zoo name or family with overrides
-    (``gpt3-175b:layers=4``, ``gpt:layers=48,hidden=8192,heads=64``); a YAML file with
+    (``gpt3-175b:layers=4``, ``gpt:layers=48,hidden=8192,heads=64``); a Hugging Face config
+    (``hf:LlamaConfig:hidden_size=256,num_hidden_layers=2``, needs the hf extra); a YAML file with
     ``family:`` or ``preset:`` plus fields; ``package.module:factory`` (called with no arguments
     under ``torch.device(device)``). Anything else raises ConfigError listing the valid names.
     """
@@ -288,6 +302,10 @@ def parse_model_spec(spec: str, *, device: str | torch.device = "meta") -> nn.Mo
     if spec.endswith((".yaml", ".yml")) or os.path.isfile(spec):
         return _from_yaml(spec, device=device)
     head, sep, tail = spec.partition(":")
+    if sep and head == "hf":
+        from autopar.models.hf import parse_hf_spec
+
+        return parse_hf_spec(tail, device=device)
     if sep and head in FAMILIES:
         return _call_family(head, _parse_kv(tail, spec=spec), device=device, where=None)
     if sep and head in PRESETS:

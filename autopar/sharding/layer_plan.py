@@ -327,20 +327,25 @@ def solve_layer(
         float(param_memory_multiplier),
     )
     was_cached = _solve_cached.cache_info().hits > hits
-    names = _param_order(graph)
+    names = _name_order(graph)
     if order == names:
         return replace(result, cached=True) if was_cached else result
     # same structure, other names (another copy of a repeated block): re-key by position
-    mapping = dict(zip(order, names))
+    params = dict(zip(order[0], names[0]))
+    nodes = dict(zip(order[1], names[1]))
     return replace(
         result,
-        placements={mapping.get(k, k): v for k, v in result.placements.items()},
+        placements={params.get(k, k): v for k, v in result.placements.items()},
+        op_strategies={nodes.get(k, k): v for k, v in result.op_strategies.items()},
+        collectives=tuple(replace(c, op=nodes.get(c.op, c.op)) for c in result.collectives),
         cached=True,
     )
 
 
-def _param_order(graph: OpGraph) -> tuple[str, ...]:
-    return tuple(n.params[0] if n.params else n.name for n in graph if n.kind == "param")
+def _name_order(graph: OpGraph) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(parameter FQNs, node names) in graph order: how two identical blocks line up."""
+    params = tuple(n.params[0] if n.params else n.name for n in graph if n.kind == "param")
+    return params, tuple(n.name for n in graph)
 
 
 @functools.lru_cache(maxsize=512)
@@ -354,7 +359,7 @@ def _solve_cached(
     time_limit_s: float,
     memory_budget_bytes: float | None,
     param_memory_multiplier: float,
-) -> tuple[LayerSharding, tuple[str, ...]]:
+) -> tuple[LayerSharding, tuple[tuple[str, ...], tuple[str, ...]]]:
     from autopar.solver.intra_op import solve_intra_op
 
     graph: OpGraph = graph_k.obj  # type: ignore[assignment]
@@ -398,4 +403,4 @@ def _solve_cached(
         num_decisions=sol.num_groups,
         **parts,
     )
-    return result, _param_order(graph)
+    return result, _name_order(graph)

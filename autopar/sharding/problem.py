@@ -214,7 +214,7 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
     shared: dict[tuple, list[tuple[int, int]]] = {}
     shared_coll: dict[tuple, Collective] = {}
     for i, node in enumerate(nodes):
-        ins = ins_of(node, index)
+        ins = _ins_of(node, index)
         k = len(strategies[i])
         f, b, c, g, pb, ab = (np.zeros(k) for _ in range(6))
         dims = dims_of[i]
@@ -374,7 +374,7 @@ def _shared_key(
     return (u, k, coll.kind, coll.axis, coll.phase, round(coll.nbytes))
 
 
-def ins_of(node: OpNode, index: dict[str, int]) -> list[int]:
+def _ins_of(node: OpNode, index: dict[str, int]) -> list[int]:
     return [index.get(p, -1) for p in node.inputs]
 
 

@@ -24,7 +24,13 @@ need a (fake) process group initialised as global state inside the planner proce
 torch.distributed on the planning path, enumerate only forward input/output specs (no compute
 divisor, no backward or gradient-sync traffic) and are private API that changes between
 releases. One label description per op family gives all three, in ~40 lines per family, and is
-pinned against DTensor's view of ``mm`` in ``tests/sharding/test_rules.py``.
+pinned against DTensor's own propagation (mm, bmm, add, gelu, softmax, t on a fake 4-rank
+mesh) in ``tests/sharding/test_dtensor_agreement.py``.
+
+Adding an op family: write ``_family(node) -> OpDims`` (labels per tensor dim, which labels may
+split, which are linear reductions, whether it follows its operand), register its base aten
+names in ``_build_rules``, and add a case to the DTensor agreement test when DTensor knows it.
+An op without a rule is replicated, priced at full size and listed in ``unsupported_ops``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from autopar.graph.opgraph import OpNode, TensorArg, TensorMeta
+from autopar.graph.opgraph import OpNode, TensorMeta
 from autopar.sharding.placements import (
     PARTIAL,
     REPLICATE,
@@ -115,6 +121,12 @@ class OpDims:
     """Inputs added onto the output (a bias): Partial, i.e. held by one rank, under a reduction split."""
     moves_bytes: bool = True
     """False for pure views (no memory traffic, no compute)."""
+    exchange: tuple[str, int] | None = None
+    """MoE dispatch/combine: splitting this label routes every token to the device that owns its
+    expert row, an all-to-all (forward and backward) of the local bytes of tensor ``[1]``
+    (an index into inputs + outputs)."""
+    uneven: frozenset[int] = frozenset()
+    """Tensors (index into inputs + outputs) allowed an uneven split (a trailing sentinel row)."""
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ def _matmul_like(a: tuple[int, ...], b: tuple[int, ...], out: tuple[int, ...]):
     return a_l, b_l, out_l, frozenset((*batch, "m", "n", "k"))
 
 
-def _mm(node: OpNode) -> OpDims:
+def _mm(node: OpNode) -> OpDims | None:
     a, b = (m.shape for m in node.input_metas[:2])
     out = _out_shape(node)
     if len(a) < 2 or len(b) < 2 or len(out) < 2:
@@ -495,7 +507,9 @@ def _along_dim(node: OpNode, dim_pos: int, *, keeps_dim: bool, views: bool) -> O
     x = node.input_metas[0].shape
     d = _norm_dim(int(_arg(node, dim_pos, _kwarg(node, "dim", 0)) or 0), len(x))
     labels = _labels("d", len(x))
-    out = tuple(None if i == d else labels[i] for i in range(len(x)))
+    # a prefix slice dropping a sentinel tail keeps a split of the cut dim (uneven input)
+    prefix = base_name(node.op) == "slice" and (_arg(node, 2, 0) in (0, None))
+    out = tuple(None if i == d and not prefix else labels[i] for i in range(len(x)))
     if not keeps_dim:
         out = tuple(lab for i, lab in enumerate(labels) if i != d)
     return OpDims(
@@ -503,24 +517,114 @@ def _along_dim(node: OpNode, dim_pos: int, *, keeps_dim: bool, views: bool) -> O
         outputs=tuple(
             out if len(t.shape) == len(out) else (None,) * len(t.shape) for t in node.outputs
         ),
-        splittable=frozenset(labels) - {labels[d]},
+        splittable=frozenset(labels) - (set() if prefix else {labels[d]}),
         partial_input=0,
         follow=True,
         moves_bytes=not views,
+        uneven=frozenset({0}) if prefix else frozenset(),
     )
 
 
 def _cat(node: OpNode) -> OpDims:
+    """cat along d: d is never split, unless all but one input are a sliver along d (a sentinel
+    row appended to a sharded buffer keeps the buffer's split, unevenly)."""
     out = _out_shape(node)
     labels = _labels("d", len(out))
     d = _norm_dim(int(_arg(node, 1, _kwarg(node, "dim", 0)) or 0), len(out))
-    in_l = tuple(labels[:d] + (None,) + labels[d + 1 :] for _ in node.input_metas)
+    primary = _primary_full(node, ())
+    sizes = [m.shape[d] if len(m.shape) > d else 0 for m in node.input_metas]
+    sliver = len(sizes) > 1 and sum(sizes) - sizes[primary] <= sizes[primary] // 64
+    in_l = tuple(
+        labels if (i == primary and sliver) else labels[:d] + (None,) + labels[d + 1 :]
+        for i in range(len(node.input_metas))
+    )
     return OpDims(
         inputs=tuple(il[: len(m.shape)] for il, m in zip(in_l, node.input_metas)),
-        outputs=(tuple(None if i == d else labels[i] for i in range(len(out))),),
+        outputs=(tuple(None if i == d and not sliver else labels[i] for i in range(len(out))),),
+        splittable=frozenset(labels) - (set() if sliver else {labels[d]}),
+        follow=True,
+        primary=primary,
+        uneven=frozenset({len(node.input_metas)}) if sliver else frozenset(),
+    )
+
+
+def _dispatch(node: OpNode) -> OpDims:
+    """MoE dispatch ``index_put(buf[N, ...], [slot[T]], tokens[T, ...], accumulate)``.
+
+    Splitting ``x`` over an axis means tokens arrive split over it and the buffer leaves split by
+    expert rows over it: an all-to-all sends each token to its expert's device. Feature dims
+    split freely. Other layouts replicate (the gather is priced by the edges).
+    """
+    buf, slot, tok = (m.shape for m in node.input_metas[:3])
+    feat = _labels("f", len(buf) - 1)
+    return OpDims(
+        inputs=(("x", *feat), ("x",), ("x", *feat[: len(tok) - 1])),
+        outputs=(("x", *feat),),
+        splittable=frozenset(("x", *feat)),
+        exchange=("x", 2),
+        uneven=frozenset({0, 3}),
+    )
+
+
+def _combine(node: OpNode) -> OpDims | None:
+    """MoE combine ``index_select(buf[N, ...], 0, slot[T])``: the reverse all-to-all."""
+    buf = node.input_metas[0].shape
+    if int(_arg(node, 1, 0) or 0) != 0:
+        return None
+    feat = _labels("f", len(buf) - 1)
+    return OpDims(
+        inputs=(("x", *feat), ("x",)),
+        outputs=(("x", *feat),),
+        splittable=frozenset(("x", *feat)),
+        exchange=("x", 2),
+        uneven=frozenset({0}),
+    )
+
+
+def _topk(node: OpNode) -> OpDims:
+    x = node.input_metas[0].shape
+    d = _norm_dim(int(_arg(node, 2, _kwarg(node, "dim", -1))), len(x))
+    labels = _labels("d", len(x))
+    out = tuple(None if i == d else labels[i] for i in range(len(x)))
+    return OpDims(
+        inputs=(labels,),
+        outputs=tuple(out for _ in node.outputs),
         splittable=frozenset(labels) - {labels[d]},
         follow=True,
-        primary=_primary_full(node, ()),
+    )
+
+
+def _scan(node: OpNode) -> OpDims:
+    """cumsum / cumprod along a dim: that dim is never split."""
+    x = node.input_metas[0].shape
+    d = _norm_dim(int(_arg(node, 1, _kwarg(node, "dim", 0))), len(x))
+    labels = _labels("d", len(x))
+    return OpDims(
+        inputs=(labels,),
+        outputs=(labels,),
+        splittable=frozenset(labels) - {labels[d]},
+        follow=True,
+    )
+
+
+def _repeat(node: OpNode) -> OpDims:
+    """repeat: dims repeated more than once lose their split."""
+    x = node.input_metas[0].shape
+    out = _out_shape(node)
+    reps = list(_arg(node, 1, ()))
+    off = len(out) - len(x)
+    labels = _labels("d", len(x))
+    out_l: list[str | None] = [None] * len(out)
+    keep = set()
+    for i in range(len(x)):
+        if off + i < len(reps) and reps[off + i] == 1:
+            out_l[off + i] = labels[i]
+            keep.add(labels[i])
+    return OpDims(
+        inputs=(labels,),
+        outputs=(tuple(out_l),),
+        splittable=frozenset(keep),
+        follow=True,
     )
 
 
@@ -625,6 +729,13 @@ def _build_rules() -> Mapping[str, Callable[[OpNode], OpDims | None]]:
         unbind=lambda n: _along_dim(n, 1, keeps_dim=False, views=True),
         cat=_cat,
         getitem=_getitem,
+        index_put=_dispatch,
+        index_put_=_dispatch,
+        index_select=_combine,
+        topk=_topk,
+        cumsum=_scan,
+        cumprod=_scan,
+        repeat=_repeat,
         tril=_tril,
         triu=_tril,
         arange=_creation,
@@ -688,7 +799,9 @@ def _divisible(
         for c, size in zip(choice, mesh_shape):
             if c == lab:
                 n *= size
-        for ls, m in zip(labs, metas):
+        for t, (ls, m) in enumerate(zip(labs, metas)):
+            if t in dims.uneven:
+                continue
             for pos, x in enumerate(ls):
                 if x == lab and m.shape[pos] % n:
                     return False
@@ -704,6 +817,7 @@ def build_strategy(
     grad_inputs: tuple[bool, ...],
     param_inputs: tuple[bool, ...],
     axis_names: tuple[str, ...] = (),
+    output_metas: tuple[TensorMeta, ...] = (),
 ) -> Strategy:
     """The strategy that splits ``choice[a]`` over mesh axis ``a`` (see module docstring)."""
     in_specs = tuple(
@@ -724,6 +838,13 @@ def build_strategy(
         if lab is None or lab == "*P":
             continue
         divisor *= size
+        if dims.exchange is not None and lab == dims.exchange[0]:
+            t = dims.exchange[1]
+            metas = tuple(input_metas) + tuple(output_metas)
+            specs = in_specs + out_specs
+            nbytes = metas[t].nbytes * local_numel_fraction(specs[t], mesh_shape)
+            colls.append(Collective("all_to_all", nbytes, a, "fwd"))
+            colls.append(Collective("all_to_all", nbytes, a, "bwd"))
         if lab in dims.reductions:
             continue  # output is Partial: its gradient arrives whole, inputs' grads are not partial
         for i, (ls, meta) in enumerate(zip(dims.inputs, input_metas)):
@@ -760,6 +881,7 @@ def enumerate_strategies(
             build_strategy(
                 dims,
                 choice,
+                output_metas=output_metas,
                 input_metas=input_metas,
                 mesh_shape=mesh_shape,
                 grad_inputs=grad_inputs,
@@ -805,6 +927,7 @@ def follow_strategy(
     return build_strategy(
         dims,
         tuple(choice),
+        output_metas=output_metas,
         input_metas=input_metas,
         mesh_shape=mesh_shape,
         grad_inputs=grad_inputs,
@@ -877,8 +1000,3 @@ def reshard(
                 colls.append(Collective("all_gather", buf, a, "bwd"))
         cur[a] = d
     return tuple(colls)
-
-
-def tensor_arg_positions(node: OpNode) -> tuple[int, ...]:
-    """Positions of tensor arguments in ``node.args`` (helper for rules reading scalar args)."""
-    return tuple(i for i, a in enumerate(node.args) if isinstance(a, TensorArg))

@@ -73,7 +73,10 @@ class LayerCost:
     """Model FLOPs of this layer per microbatch per device (forward)."""
     bwd_flops: float = 0.0
     placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Per-parameter placements (one string per stage mesh axis: dp, tp)."""
+    """Per-parameter placements (one string per stage mesh axis: dp, tp), keyed by the FQNs of
+    the layer that was priced (``param_names``); the search renames them per real layer."""
+    param_names: tuple[str, ...] = ()
+    """Parameter FQNs of the priced (representative) layer, in the layer's order."""
     source: str = "analytic"
     status: str = "analytic"
     gap: float = 0.0
@@ -317,6 +320,7 @@ def _rail(group: tuple[int, ...], cluster: Any) -> tuple[int, ...] | None:
         return None
     return tuple(sorted(per_host.values()))
 
+
 # Passes over the (b, heads, s, s) score tensor of unfused attention, in units of its 16-bit
 # size (Megatron-LM 2021: QK^T bmm, fused scale-mask-softmax, dropout, then the AV bmm).
 # forward: write QK^T (1) + softmax read/write (2) + dropout read/write + 1-byte mask (2.5)
@@ -351,10 +355,18 @@ def _unfused_attention(
     )
     # backward GEMMs: 4 bmms of the forward's size (dV, dP, dQ, dK), no flash-style recompute
     gemm_b = compute_time_s(
-        flops=2.0 * op.fwd_flops / k, bytes_moved=2 * qkvo, device=device, dtype=dtype, matmul_dims=dims
+        flops=2.0 * op.fwd_flops / k,
+        bytes_moved=2 * qkvo,
+        device=device,
+        dtype=dtype,
+        matmul_dims=dims,
     )
-    mem_f = compute_time_s(flops=0.0, bytes_moved=_UNFUSED_FWD_PASSES * item * scores, device=device, dtype=dtype)
-    mem_b = compute_time_s(flops=0.0, bytes_moved=_UNFUSED_BWD_PASSES * item * scores, device=device, dtype=dtype)
+    mem_f = compute_time_s(
+        flops=0.0, bytes_moved=_UNFUSED_FWD_PASSES * item * scores, device=device, dtype=dtype
+    )
+    mem_b = compute_time_s(
+        flops=0.0, bytes_moved=_UNFUSED_BWD_PASSES * item * scores, device=device, dtype=dtype
+    )
     saved = _UNFUSED_SAVED_BYTES_PER_SCORE * scores * item / 2.0 + qkvo
     return gemm_f + mem_f, gemm_b + mem_b, saved
 

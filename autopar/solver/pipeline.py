@@ -184,7 +184,9 @@ def solve_stages(
     )
 
 
-def _position_latency(latency_s: np.ndarray, p2p_s: np.ndarray | None, num_stages: int) -> np.ndarray:
+def _position_latency(
+    latency_s: np.ndarray, p2p_s: np.ndarray | None, num_stages: int
+) -> np.ndarray:
     num_layers = latency_s.shape[0]
     i, j = np.meshgrid(np.arange(num_layers), np.arange(num_layers), indexing="ij")
     base = np.where((j >= i)[:, :, None], latency_s, np.inf)

@@ -357,8 +357,8 @@ class _Priced:
     virtual_stages: int
     zero: int
     recompute: str
-    stages: list[list[int]]
-    """Layer indices per pipeline rank (model order; several chunks when interleaved)."""
+    stages: np.ndarray
+    """Pipeline rank of every layer (several chunks per rank when interleaved)."""
     step_s: float
     breakdown: TimeBreakdown
     memory: MemoryBreakdown
@@ -372,7 +372,16 @@ class _Priced:
 
     def key(self) -> tuple:
         s = self.shape
-        return (s.pp, s.dp, s.tp, s.b, self.schedule, self.virtual_stages, self.zero, self.recompute)
+        return (
+            s.pp,
+            s.dp,
+            s.tp,
+            s.b,
+            self.schedule,
+            self.virtual_stages,
+            self.zero,
+            self.recompute,
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -385,7 +394,9 @@ def _check_fixed(fixed: dict[str, Any] | None) -> dict[str, Any]:
         if k not in FIXED_KEYS:
             raise ConfigError(f"unknown key {k!r}", field=f"fixed.{k}", allowed=FIXED_KEYS)
         if k == "recompute" and v not in RECOMPUTE:
-            raise ConfigError(f"unknown recompute {v!r}", field="fixed.recompute", allowed=RECOMPUTE)
+            raise ConfigError(
+                f"unknown recompute {v!r}", field="fixed.recompute", allowed=RECOMPUTE
+            )
         if k == "schedule" and v not in SCHEDULES:
             raise ConfigError(f"unknown schedule {v!r}", field="fixed.schedule", allowed=SCHEDULES)
         if k == "zero" and v not in ZERO_STAGES:
@@ -444,6 +455,8 @@ class _Context:
     saved_activation_bytes: Any
     LogicalMesh: Any
     attention_kernel: str = "fused"
+    blocks: list = field(default_factory=list)
+    optimizer_line: tuple = (0.0, 0.0)
     layer_graph_cache: dict = field(default_factory=dict)
     analytic_cache: dict = field(default_factory=dict)
     ilp_cache: dict = field(default_factory=dict)
@@ -494,17 +507,12 @@ class _Context:
                     collective_time_s=self.collective_time_s,
                     attention_kernel=self.attention_kernel,
                 )
+                cost = replace(cost, param_names=layer.graph_params)
                 hit = (layer.graph_params, cost)
                 self.analytic_cache[key] = hit
                 self.stats["analytic_layer_prices"] = self.stats.get("analytic_layer_prices", 0) + 1
             rep_params, cost = hit
-            out.append(
-                replace(
-                    cost,
-                    name=layer.name,
-                    placements=_rename_placements(cost.placements, rep_params, layer.params),
-                )
-            )
+            out.append(cost)  # keyed by signature: name and FQNs are the representative's
         return tuple(out)
 
     def ilp(self, shape: _Shape, *, time_limit_s: float) -> tuple[LayerCost, ...]:
@@ -542,12 +550,7 @@ class _Context:
                 self.ilp_cache[key] = hit
             rep_params, sharding = hit
             priced = ilp_layer_cost(cost, sharding, dtype_bytes=self.config.dtype_bytes)
-            out.append(
-                replace(
-                    priced,
-                    placements=_rename_placements(priced.placements, rep_params, layer.params),
-                )
-            )
+            out.append(replace(priced, param_names=rep_params))
         return tuple(out)
 
     def p2p_s(self, shape: _Shape, nbytes: float) -> float:
@@ -597,8 +600,50 @@ def _rename_placements(
 # evaluating one candidate
 # ---------------------------------------------------------------------------------------------
 @dataclass(slots=True)
+class _Base:
+    """Per-layer arrays of one shape's LayerCosts, built once per shape."""
+
+    fwd: np.ndarray
+    bwd: np.ndarray
+    tp_fwd: np.ndarray
+    tp_bwd: np.ndarray
+    core_fwd: np.ndarray
+    grad_sync: np.ndarray
+    gather: np.ndarray
+    reduce: np.ndarray
+    params: np.ndarray
+    act: np.ndarray
+    core_act: np.ndarray
+    inp: np.ndarray
+    p2p: np.ndarray
+
+
+def _base(ctx: _Context, shape: _Shape, costs: tuple[LayerCost, ...]) -> _Base:
+    def arr(attr: str) -> np.ndarray:
+        return np.fromiter((getattr(c, attr) for c in costs), dtype=float, count=len(costs))
+
+    return _Base(
+        fwd=arr("fwd_s"),
+        bwd=arr("bwd_s"),
+        tp_fwd=arr("tp_fwd_s"),
+        tp_bwd=arr("tp_bwd_s"),
+        core_fwd=arr("core_fwd_s"),
+        grad_sync=arr("grad_sync_s"),
+        gather=arr("zero3_gather_s"),
+        reduce=arr("zero3_reduce_s"),
+        params=arr("params_per_device"),
+        act=arr("act_bytes"),
+        core_act=arr("core_act_bytes"),
+        inp=arr("input_bytes"),
+        p2p=np.fromiter(
+            (2.0 * ctx.p2p_s(shape, c.output_bytes) for c in costs), dtype=float, count=len(costs)
+        ),
+    )
+
+
+@dataclass(slots=True)
 class _Vectors:
-    """Per-layer arrays for one (costs, recompute, zero) combination."""
+    """Per-layer arrays for one (shape, recompute, zero) combination (see LayerCost methods)."""
 
     lat: np.ndarray
     hidden_zero3: np.ndarray
@@ -617,65 +662,66 @@ class _Vectors:
     p2p: np.ndarray
 
 
-def _vectors(
-    ctx: _Context, shape: _Shape, costs: tuple[LayerCost, ...], recompute: str, zero: int
-) -> _Vectors:
+def _vectors(ctx: _Context, b: _Base, dp: int, recompute: str, zero: int) -> _Vectors:
     cfg = ctx.config
-    dp = shape.dp
-    compute = np.array([c.fwd_s + c.bwd_s for c in costs])
-    rec = np.array([c.recompute_s(recompute) for c in costs])
-    tp = np.array([c.tp_fwd_s + c.tp_bwd_s + (c.tp_fwd_s if recompute == "full" else 0) for c in costs])
+    compute = b.fwd + b.bwd
+    if recompute == "full":
+        # re-run the forward, its tensor-parallel collectives included (those count as tp comm)
+        rec, tp = b.fwd, 2.0 * b.tp_fwd + b.tp_bwd
+        saved, trans = b.inp, b.act
+    elif recompute == "selective":
+        rec, tp = b.core_fwd, b.tp_fwd + b.tp_bwd
+        saved, trans = np.maximum(0.0, b.act - b.core_act), b.core_act
+    else:
+        rec, tp = np.zeros_like(b.fwd), b.tp_fwd + b.tp_bwd
+        saved, trans = b.act, np.zeros_like(b.fwd)
     base = compute + rec + tp
-    # full recompute re-runs the tensor-parallel forward collectives: move them to "tp"
-    rec = rec - np.array([c.tp_fwd_s if recompute == "full" else 0.0 for c in costs])
     if zero == 3 and dp > 1:
         # forward: the next layer's weights are prefetched behind this layer's compute;
         # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
-        gather = np.array([c.zero3_gather_s for c in costs])
-        reduce = np.array([c.zero3_reduce_s for c in costs])
-        fwd = np.array([c.fwd_s + c.tp_fwd_s for c in costs])
-        lat = base + np.maximum(0.0, gather - fwd) + gather + reduce
-        hidden = np.minimum(gather, fwd)
-        exposed = lat - base
+        fwd = b.fwd + b.tp_fwd
+        lat = base + np.maximum(0.0, b.gather - fwd) + b.gather + b.reduce
+        hidden = np.minimum(b.gather, fwd)
+        trans = trans + b.params * cfg.dtype_bytes  # one layer's gathered weights at a time
+        sync = np.zeros_like(base)
     else:
-        lat, hidden, exposed = base, np.zeros_like(base), np.zeros_like(base)
-    params = np.array([c.params_per_device for c in costs])
-    w = params * cfg.dtype_bytes / (dp if zero >= 3 else 1)
-    g = params * cfg.dtype_bytes / (dp if zero >= 2 else 1)
-    o = params * cfg.optimizer_state_bytes / (dp if zero >= 1 else 1)
-    trans = np.array([c.transient_bytes(recompute) for c in costs])
-    if zero == 3 and dp > 1:
-        trans = trans + params * cfg.dtype_bytes  # one layer's gathered weights at a time
-    p2p = np.array([2.0 * ctx.p2p_s(shape, c.output_bytes) for c in costs])
+        lat, hidden, sync = base, np.zeros_like(base), b.grad_sync
     return _Vectors(
         lat=lat,
         hidden_zero3=hidden,
-        exposed_zero3=exposed,
+        exposed_zero3=lat - base,
         compute=compute,
         recompute=rec,
         tp=tp,
-        bwd_window=np.array([c.bwd_s + c.tp_bwd_s for c in costs]),
-        grad_sync=np.array([c.grad_sync_s for c in costs]) if zero < 3 else np.zeros(len(costs)),
-        saved=np.array([c.saved_bytes(recompute) for c in costs]),
+        bwd_window=b.bwd + b.tp_bwd,
+        grad_sync=sync,
+        saved=saved,
         transient=trans,
-        weights=w,
-        grads=g,
-        optimizer=o,
-        params=params,
-        p2p=p2p,
+        weights=b.params * cfg.dtype_bytes / (dp if zero >= 3 else 1),
+        grads=b.params * cfg.dtype_bytes / (dp if zero >= 2 else 1),
+        optimizer=b.params * cfg.optimizer_state_bytes / (dp if zero >= 1 else 1),
+        params=b.params,
+        p2p=b.p2p,
     )
 
 
-def _optimizer_s(ctx: _Context, params_per_device: float, zero: int, dp: int) -> float:
-    """One optimizer update: reads and writes weights, grads and optimizer state once."""
-    n = params_per_device / (dp if zero >= 1 else 1)
-    if n <= 0:
-        return 0.0
+def _optimizer_line(ctx: _Context) -> tuple[float, float]:
+    """(intercept_s, s_per_param): the update streams weights, grads and state through HBM once.
+
+    compute_time_s is linear in the work (a roofline of two linear terms), so two prices give
+    the line and each candidate's devices are priced without calling it again.
+    """
     cfg = ctx.config
-    nbytes = n * 2 * (cfg.optimizer_state_bytes + 2 * cfg.dtype_bytes)
-    return ctx.compute_time_s(
-        flops=12.0 * n, bytes_moved=nbytes, device=ctx.cluster.device, dtype="fp32"
-    )
+    per_param_bytes = 2.0 * (cfg.optimizer_state_bytes + 2 * cfg.dtype_bytes)
+
+    def t(n: float) -> float:
+        return ctx.compute_time_s(
+            flops=12.0 * n, bytes_moved=n * per_param_bytes, device=ctx.cluster.device, dtype="fp32"
+        )
+
+    t1, t2 = t(1e9), t(2e9)
+    slope = (t2 - t1) / 1e9
+    return t1 - slope * 1e9, slope
 
 
 def _evaluate(
@@ -683,7 +729,7 @@ def _evaluate(
     shape: _Shape,
     vec: _Vectors,
     *,
-    stages: list[list[int]],
+    owner: np.ndarray,
     microbatches: int,
     schedule: str,
     virtual: int,
@@ -691,59 +737,64 @@ def _evaluate(
     recompute: str,
     source: str,
     costs: tuple[LayerCost, ...],
-) -> _Priced:
-    """Step time and peak memory of one stage assignment (the formulas in the module doc)."""
+    need: list[float],
+) -> _Priced | None:
+    """Step time and peak memory of one assignment of layers to pipeline ranks (module doc).
+
+    ``owner[i]`` is the pipeline rank holding layer i. Returns None (and records the peak in
+    ``need``) when the most loaded rank does not fit.
+    """
     pp = shape.pp
-    v = virtual if schedule == "interleaved_1f1b" else 1
-    boundaries = []
-    for layers in stages:
-        # a boundary follows every chunk except the model's last one
-        ends = [i for k, i in enumerate(layers) if (k + 1 == len(layers) or layers[k + 1] != i + 1)]
-        boundaries.append([i for i in ends if i != len(vec.lat) - 1])
-    lat_dev = np.array(
-        [vec.lat[layers].sum() + vec.p2p[b].sum() for layers, b in zip(stages, boundaries)]
-    )
     m = microbatches
-    w_sum, w_max = (1.0 / v, m - 1.0 / v)
-    pipeline_s = w_sum * lat_dev.sum() + w_max * lat_dev.max()
-    slow = int(np.argmax(lat_dev))
-    sl = stages[slow]
-    sync = np.array([vec.grad_sync[layers].sum() for layers in stages])
-    window = np.array([vec.bwd_window[layers].sum() for layers in stages])
-    exposed_sync = np.maximum(0.0, sync - window)
-    opt = np.array([_optimizer_s(ctx, vec.params[layers].sum(), zero, shape.dp) for layers in stages])
-    tail = exposed_sync + opt
-    step = pipeline_s + float(tail.max())
-    last = int(np.argmax(tail))
-    busy = m * lat_dev[slow]
-    breakdown = TimeBreakdown(
-        compute=m * float(vec.compute[sl].sum()) + float(opt[last]),
-        recompute=m * float(vec.recompute[sl].sum()),
-        tp_comm=m * float(vec.tp[sl].sum()),
-        pp_comm=m * float(vec.p2p[boundaries[slow]].sum()),
-        pp_bubble=float(pipeline_s - busy),
-        dp_comm=m * float(vec.exposed_zero3[sl].sum()) + float(exposed_sync[last]),
-        overlapped_comm=m * float(vec.hidden_zero3[sl].sum()) + float(np.minimum(sync, window)[last]),
-    )
+    v = virtual if schedule == "interleaved_1f1b" else 1
     flight = inflight_microbatches(
         schedule=schedule, num_stages=pp, microbatches=m, virtual_stages=v
     )
-    totals = []
-    parts = []
-    for d, layers in enumerate(stages):
-        w, g, o = vec.weights[layers].sum(), vec.grads[layers].sum(), vec.optimizer[layers].sum()
-        a = flight[d] * vec.saved[layers].sum()
-        other = vec.transient[layers].max() if layers else 0.0
-        totals.append(w + g + o + a + other)
-        parts.append((w, g, o, a, other))
+    w = np.bincount(owner, vec.weights, pp)
+    g = np.bincount(owner, vec.grads, pp)
+    o = np.bincount(owner, vec.optimizer, pp)
+    a = flight * np.bincount(owner, vec.saved, pp)
+    other = np.zeros(pp)
+    np.maximum.at(other, owner, vec.transient)
+    totals = w + g + o + a + other
     worst = int(np.argmax(totals))
-    w, g, o, a, other = parts[worst]
+    peak = float(totals[worst])
+    if peak > ctx.capacity_bytes * (1 + 1e-9):
+        need.append(peak)
+        return None
+    bnd = np.nonzero(owner[:-1] != owner[1:])[0]  # a stage boundary follows these layers
+    p2p_dev = np.bincount(owner[bnd], vec.p2p[bnd], pp)
+    lat_dev = np.bincount(owner, vec.lat, pp) + p2p_dev
+    w_sum, w_max = 1.0 / v, m - 1.0 / v
+    slow = int(np.argmax(lat_dev))
+    pipeline_s = w_sum * float(lat_dev.sum()) + w_max * float(lat_dev[slow])
+    sync = np.bincount(owner, vec.grad_sync, pp)
+    window = np.bincount(owner, vec.bwd_window, pp)
+    exposed_sync = np.maximum(0.0, sync - window)
+    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if zero >= 1 else 1)
+    intercept, slope = ctx.optimizer_line
+    opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
+    tail = exposed_sync + opt
+    last = int(np.argmax(tail))
+    step = pipeline_s + float(tail[last])
+    on_slow = owner == slow
+    busy = m * float(lat_dev[slow])
+    breakdown = TimeBreakdown(
+        compute=m * float(vec.compute[on_slow].sum()) + float(opt[last]),
+        recompute=m * float(vec.recompute[on_slow].sum()),
+        tp_comm=m * float(vec.tp[on_slow].sum()),
+        pp_comm=m * float(p2p_dev[slow]),
+        pp_bubble=float(pipeline_s - busy),
+        dp_comm=m * float(vec.exposed_zero3[on_slow].sum()) + float(exposed_sync[last]),
+        overlapped_comm=m * float(vec.hidden_zero3[on_slow].sum())
+        + float(min(sync[last], window[last])),
+    )
     memory = MemoryBreakdown(
-        weights=float(w),
-        grads=float(g),
-        optimizer=float(o),
-        activations=float(a),
-        other=float(other),
+        weights=float(w[worst]),
+        grads=float(g[worst]),
+        optimizer=float(o[worst]),
+        activations=float(a[worst]),
+        other=float(other[worst]),
         capacity=float(ctx.capacity_bytes),
     )
     return _Priced(
@@ -753,47 +804,51 @@ def _evaluate(
         virtual_stages=v,
         zero=zero,
         recompute=recompute,
-        stages=stages,
+        stages=owner,
         step_s=float(step),
         breakdown=breakdown,
         memory=memory,
-        peak_bytes=float(totals[worst]),
+        peak_bytes=peak,
         source=source,
         costs=costs,
     )
 
 
-def _uniform_stages(num_layers: int, blocks: list[int], pp: int) -> list[list[int]] | None:
-    """Megatron's split: blocks evenly over stages, embedding first, head last."""
-    if pp > len(blocks) or not blocks:
-        return None if pp > 1 else [list(range(num_layers))]
+def _uniform_owner(num_layers: int, blocks: list[int], pp: int) -> np.ndarray | None:
+    """Megatron's split: blocks evenly over stages (extra ones first), embedding first, head last."""
+    owner = np.zeros(num_layers, dtype=np.int64)
+    if pp == 1:
+        return owner
+    if pp > len(blocks):
+        return None
     per, extra = divmod(len(blocks), pp)
-    stages, k = [], 0
+    k = 0
     for s in range(pp):
         n = per + (1 if s < extra else 0)
-        stages.append(blocks[k : k + n])
+        owner[blocks[k : k + n]] = s
         k += n
-    first, last = blocks[0], blocks[-1]
-    stages[0] = list(range(0, first)) + stages[0]
-    stages[-1] = stages[-1] + list(range(last + 1, num_layers))
-    return stages
+    owner[: blocks[0]] = 0
+    owner[blocks[-1] + 1 :] = pp - 1
+    return owner
 
 
-def _interleaved_stages(num_layers: int, blocks: list[int], pp: int, v: int) -> list[list[int]] | None:
+def _interleaved_owner(num_layers: int, blocks: list[int], pp: int, v: int) -> np.ndarray | None:
+    """Megatron's interleaved layout: pp·v equal chunks, chunk c on rank c mod pp."""
     if pp < 2 or v < 2 or len(blocks) % (pp * v):
         return None
     per = len(blocks) // (pp * v)
-    stages: list[list[int]] = [[] for _ in range(pp)]
+    owner = np.zeros(num_layers, dtype=np.int64)
     for c in range(pp * v):
-        stages[c % pp].extend(blocks[c * per : (c + 1) * per])
-    stages[0] = list(range(0, blocks[0])) + stages[0]
-    stages[-1] = stages[-1] + list(range(blocks[-1] + 1, num_layers))
-    return stages
+        owner[blocks[c * per : (c + 1) * per]] = c % pp
+    owner[: blocks[0]] = 0
+    owner[blocks[-1] + 1 :] = pp - 1
+    return owner
 
 
-def _dp_stages(
+def _dp_owner(
     vec: _Vectors, pp: int, microbatches: int, schedule: str, capacity: float
-) -> list[list[int]] | None:
+) -> np.ndarray | None:
+    """Unequal contiguous stages from the pipeline DP (pipeline.solve_stages), memory-feasible."""
     n = len(vec.lat)
     csum = np.concatenate([[0.0], np.cumsum(vec.lat)])
     lat = (csum[None, 1:] - csum[:-1, None])[:, :, None]
@@ -801,10 +856,9 @@ def _dp_stages(
     state = ssum[None, 1:] - ssum[:-1, None]
     asum = np.concatenate([[0.0], np.cumsum(vec.saved)])
     act = (asum[None, 1:] - asum[:-1, None])[:, :, None]
-    trans = np.empty((n, n))
+    trans = np.zeros((n, n))
     for i in range(n):
         trans[i, i:] = np.maximum.accumulate(vec.transient[i:])
-        trans[i, :i] = 0.0
     state = (state + trans)[:, :, None]
     plan = solve_stages(
         latency_s=lat,
@@ -821,7 +875,10 @@ def _dp_stages(
     )
     if plan is None:
         return None
-    return [list(range(i, j + 1)) for i, j in zip(plan.starts, plan.ends)]
+    owner = np.zeros(n, dtype=np.int64)
+    for s, (i, j) in enumerate(zip(plan.starts, plan.ends)):
+        owner[i : j + 1] = s
+    return owner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,10 +914,25 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# the search
+# pricing the options of one shape
 # ---------------------------------------------------------------------------------------------
 def _options(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
     return [fixed[key]] if key in fixed else list(default)
+
+
+@dataclass(slots=True)
+class _DPJob:
+    """A 1F1B candidate whose unequal split (pipeline DP) may beat the uniform one."""
+
+    lower_bound_s: float
+    shape: _Shape
+    vectors: list[tuple[int, _Vectors]]
+    """(zero stage, vectors) to try in order; the first that fits is kept."""
+    microbatches: int
+    schedule: str
+    recompute: str
+    source: str
+    costs: tuple[LayerCost, ...]
 
 
 def _price_shape(
@@ -870,91 +942,100 @@ def _price_shape(
     *,
     source: str,
     keep: Callable[[_Priced], None],
-    bound: Callable[[], float],
     need: list[float],
-) -> None:
-    """Price every schedule / ZeRO / recompute option of one shape; hand feasible ones to keep."""
+) -> list[_DPJob]:
+    """Price the uniform / interleaved layouts of every option of one shape; return DP jobs.
+
+    ZeRO 0, 1 and 2 take the same time in this model, so the lowest stage that fits is kept
+    (and ZeRO-3 separately). GPipe has 1F1B's bubble and more memory, so it is priced only
+    when pinned.
+    """
     fixed = ctx.fixed
     info = ctx.info
     m = ctx.config.global_batch // (shape.dp * shape.b)
     n = len(info.layers)
-    blocks = [i for i, layer in enumerate(info.layers) if layer_kind(layer.name) == "block"]
+    blocks = ctx.blocks
     pp = shape.pp
+    base = _base(ctx, shape, costs)
     schedules = _options(fixed, "schedule", ("1f1b", "interleaved_1f1b") if pp > 1 else ("1f1b",))
     if pp == 1:
         schedules = [s for s in schedules if s != "interleaved_1f1b"] or ["1f1b"]
     zeros = _options(fixed, "zero", ZERO_STAGES)
     if shape.dp == 1:
         zeros = [z for z in zeros if z == 0] or zeros[:1]
+    uniform = _uniform_owner(n, blocks, pp)
+    jobs: list[_DPJob] = []
     for recompute in _options(fixed, "recompute", RECOMPUTE):
         for zero_class in (0, 3):
             tries = [z for z in zeros if (z == 3) == (zero_class == 3)]
             if not tries:
                 continue
+            vecs = [(z, _vectors(ctx, base, shape.dp, recompute, z)) for z in tries]
             for schedule in schedules:
                 if schedule == "interleaved_1f1b":
-                    per_stage = len(blocks) // pp if pp else 0
-                    vs = _options(fixed, "virtual_stages", [v for v in _divisors(per_stage) if v > 1])
                     if m % pp:
                         continue  # Megatron's interleaved schedule needs M divisible by pp
-                    for v in vs:
-                        stages = _interleaved_stages(n, blocks, pp, v)
-                        if stages is None:
-                            continue
-                        _try_zeros(ctx, shape, costs, stages, m, schedule, v, tries, recompute, source, keep, need)
-                    continue
-                uniform = _uniform_stages(n, blocks, pp)
-                found = False
-                for zero in tries:
-                    vec = _vectors(ctx, shape, costs, recompute, zero)
-                    if uniform is not None:
-                        priced = _evaluate(
-                            ctx, shape, vec, stages=uniform, microbatches=m, schedule=schedule,
-                            virtual=1, zero=zero, recompute=recompute, source=source, costs=costs,
-                        )  # fmt: skip
-                        if priced.peak_bytes <= ctx.capacity_bytes:
-                            keep(priced)
-                            found = True
-                        else:
-                            need.append(priced.peak_bytes)
-                    if pp == 1:
-                        if found:
-                            break
+                    per_stage = len(blocks) // pp
+                    vs = _options(
+                        fixed, "virtual_stages", [v for v in _divisors(per_stage) if v > 1]
+                    )
+                    layouts = [(v, _interleaved_owner(n, blocks, pp, v)) for v in vs]
+                else:
+                    layouts = [(1, uniform)]
+                for v, owner in layouts:
+                    if owner is None:
                         continue
-                    # pipeline DP: unequal stages, only when it can still beat the k-th best
-                    total = vec.lat.sum()
-                    lb = total + (m - 1) * max(total / pp, float(vec.lat.max()))
-                    mem_lb = float((vec.weights + vec.grads + vec.optimizer).sum()) / pp
+                    for zero, vec in vecs:
+                        priced = _evaluate(
+                            ctx, shape, vec, owner=owner, microbatches=m, schedule=schedule,
+                            virtual=v, zero=zero, recompute=recompute, source=source,
+                            costs=costs, need=need,
+                        )  # fmt: skip
+                        if priced is not None:
+                            keep(priced)
+                            break
+                if schedule != "interleaved_1f1b" and pp > 1:
+                    lat = vecs[0][1].lat
+                    total = float(lat.sum())
+                    lb = total + (m - 1) * max(total / pp, float(lat.max()))
+                    mem_lb = (
+                        float(
+                            (vecs[-1][1].weights + vecs[-1][1].grads + vecs[-1][1].optimizer).sum()
+                        )
+                        / pp
+                    )
                     if mem_lb > ctx.capacity_bytes:
                         need.append(mem_lb)
                         continue
-                    if lb >= bound() and found:
-                        break
-                    ctx.stats["dp_runs"] = ctx.stats.get("dp_runs", 0) + 1
-                    stages = _dp_stages(vec, pp, m, schedule, ctx.capacity_bytes)
-                    if stages is not None:
-                        priced = _evaluate(
-                            ctx, shape, vec, stages=stages, microbatches=m, schedule=schedule,
-                            virtual=1, zero=zero, recompute=recompute, source=source, costs=costs,
+                    jobs.append(
+                        _DPJob(
+                            lower_bound_s=lb,
+                            shape=shape,
+                            vectors=vecs,
+                            microbatches=m,
+                            schedule=schedule,
+                            recompute=recompute,
+                            source=source,
+                            costs=costs,
                         )  # fmt: skip
-                        if priced.peak_bytes <= ctx.capacity_bytes * (1 + 1e-9):
-                            keep(priced)
-                            found = True
-                    if found:
-                        break
+                    )
+    return jobs
 
 
-def _try_zeros(ctx, shape, costs, stages, m, schedule, v, tries, recompute, source, keep, need) -> None:
-    for zero in tries:
-        vec = _vectors(ctx, shape, costs, recompute, zero)
+def _run_dp(ctx: _Context, job: _DPJob, keep: Callable[[_Priced], None], need: list[float]) -> None:
+    for zero, vec in job.vectors:
+        ctx.stats["dp_runs"] = ctx.stats.get("dp_runs", 0) + 1
+        owner = _dp_owner(vec, job.shape.pp, job.microbatches, job.schedule, ctx.capacity_bytes)
+        if owner is None:
+            continue
         priced = _evaluate(
-            ctx, shape, vec, stages=stages, microbatches=m, schedule=schedule, virtual=v,
-            zero=zero, recompute=recompute, source=source, costs=costs,
+            ctx, job.shape, vec, owner=owner, microbatches=job.microbatches,
+            schedule=job.schedule, virtual=1, zero=zero, recompute=job.recompute,
+            source=job.source, costs=job.costs, need=need,
         )  # fmt: skip
-        if priced.peak_bytes <= ctx.capacity_bytes:
+        if priced is not None:
             keep(priced)
             return
-        need.append(priced.peak_bytes)
 
 
 def search(
@@ -967,7 +1048,7 @@ def search(
     time_limit_s: float | None = None,
     progress: bool = True,
     layer_pricing: str = "ilp",
-    ilp_shapes: int = 3,
+    ilp_shapes: int = 2,
     attention_kernel: str = "fused",
 ) -> Plan:
     """Search data / tensor / pipeline parallelism, schedule, ZeRO and recompute for a model.
@@ -997,7 +1078,9 @@ def search(
         )
     if layer_pricing not in ("ilp", "analytic"):
         raise ConfigError(
-            f"unknown layer pricing {layer_pricing!r}", field="layer_pricing", allowed=("ilp", "analytic")
+            f"unknown layer pricing {layer_pricing!r}",
+            field="layer_pricing",
+            allowed=("ilp", "analytic"),
         )
     info = _prepare(model_or_graph, config)
     world = int(cluster.num_devices)
@@ -1044,15 +1127,23 @@ def search(
         return ranked[-1]
 
     bar = _Progress(progress, "search")
-    # cheap order: small tp inside a host and many microbatches first finds good bounds early
-    shapes.sort(key=lambda s: (s.tp > cluster.devices_per_host, s.pp, -s.b))
+    jobs: list[_DPJob] = []
+    ctx.blocks = [i for i, layer in enumerate(info.layers) if layer_kind(layer.name) == "block"]
+    ctx.optimizer_line = _optimizer_line(ctx)
     for i, shape in enumerate(shapes):
         costs = ctx.analytic(shape)
-        _price_shape(ctx, shape, costs, source="analytic", keep=keep, bound=bound, need=need)
-        bar.tick(i + 1, len(shapes), min(ranked) if ranked else math.inf)
+        jobs += _price_shape(ctx, shape, costs, source="analytic", keep=keep, need=need)
+        bar.tick(i + 1, len(shapes) + 1, min(ranked) if ranked else math.inf)
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
             ctx.stats["stopped_early"] = True
             break
+    # pipeline DP for unequal stages, best lower bound first, while it can reach the top k
+    jobs.sort(key=lambda j: j.lower_bound_s)
+    for job in jobs:
+        if job.lower_bound_s >= bound():
+            break
+        _run_dp(ctx, job, keep, need)
+    bar.tick(len(shapes) + 1, len(shapes) + 1, min(ranked) if ranked else math.inf)
 
     if not best:
         raise _infeasible(info, cluster, config, fixed, need, capacity)
@@ -1067,7 +1158,8 @@ def search(
                 keys.append(p.shape)
             if len(keys) >= ilp_shapes:
                 break
-        budget = None if time_limit_s is None else max(1.0, time_limit_s - (time.perf_counter() - t_start))
+        elapsed = time.perf_counter() - t_start
+        budget = None if time_limit_s is None else max(1.0, time_limit_s - elapsed)
         for shape in keys:
             per_call = 10.0 if budget is None else max(0.5, budget / (3 * len(keys)))
             costs = ctx.ilp(shape, time_limit_s=per_call)
@@ -1078,9 +1170,8 @@ def search(
                 if old is None or p.step_s < old.step_s:
                     local[p.key()] = p
 
-            _price_shape(
-                ctx, shape, costs, source="ilp", keep=keep_local, bound=lambda: math.inf, need=need
-            )
+            for job in _price_shape(ctx, shape, costs, source="ilp", keep=keep_local, need=need):
+                _run_dp(ctx, job, keep_local, need)
             refined.extend(local.values())
         if refined:
             # both are feasible shardings of the same candidate: keep the cheaper one (the ILP
@@ -1118,9 +1209,13 @@ def _infeasible(
     need: list[float],
     capacity: float,
 ) -> InfeasibleError:
-    least = min(need) if need else float(info.param_count) * (
-        config.dtype_bytes * 2 + config.optimizer_state_bytes
-    ) / max(1, cluster.num_devices)
+    least = (
+        min(need)
+        if need
+        else float(info.param_count)
+        * (config.dtype_bytes * 2 + config.optimizer_state_bytes)
+        / max(1, cluster.num_devices)
+    )
     suggestions = []
     per_host = cluster.devices_per_host
     factor = least / max(capacity, 1.0)
@@ -1136,7 +1231,9 @@ def _infeasible(
         suggestions.append("use micro-batch size 1")
     for key in ("tp", "pp", "dp"):
         if key in fixed:
-            suggestions.append(f"unpin {key}={fixed[key]} so the search can split the model further")
+            suggestions.append(
+                f"unpin {key}={fixed[key]} so the search can split the model further"
+            )
     return InfeasibleError(
         f"{info.name} ({info.param_count / 1e9:.2f}B parameters) does not fit on "
         f"{cluster.num_devices} x {cluster.device.name} with batch {config.global_batch} in any "
@@ -1173,8 +1270,10 @@ def _why(alt: _Priced, win: _Priced) -> str:
     terms = {t: getattr(alt.breakdown, t) - getattr(win.breakdown, t) for t in TIME_TERMS}
     term, delta = max(terms.items(), key=lambda kv: kv[1])
     gap = alt.step_s - win.step_s
-    if gap <= 1e-12 * max(1.0, win.step_s):
-        return "ties on time; " + ("more memory" if alt.peak_bytes > win.peak_bytes else "less simple")
+    if abs(gap) <= 1e-9 * max(1.0, win.step_s):
+        return "ties on time; " + (
+            "more memory" if alt.peak_bytes > win.peak_bytes else "same memory"
+        )
     return f"+{_fmt(gap)} ({100 * gap / win.step_s:.1f}%), most on {_TERM_WORDS[term]} (+{_fmt(delta)})"
 
 
@@ -1222,27 +1321,33 @@ def _build_plan(
     shape = win.shape
     names = [layer.name for layer in info.layers]
     size = shape.dp * shape.tp
+    owner = np.asarray(win.stages)
     stages = tuple(
         Stage(
-            layers=tuple(names[i] for i in layers),
+            layers=tuple(names[i] for i in np.nonzero(owner == s)[0]),
             devices=tuple(range(s * size, (s + 1) * size)),
         )
-        for s, layers in enumerate(win.stages)
+        for s in range(shape.pp)
     )
     placements: dict[str, tuple[str, ...]] = {}
-    for cost in win.costs:
-        for fqn, pl in cost.placements.items():
+    for layer, cost in zip(info.layers, win.costs):
+        renamed = _rename_placements(cost.placements, cost.param_names, layer.params)
+        for fqn, pl in renamed.items():
             if win.zero == 3 and shape.dp > 1 and pl and pl[0] == "R":
                 pl = ("S(0)", *pl[1:])  # ZeRO-3 / FSDP shards each weight over dp on dim 0
-            placements[fqn] = tuple(pl)
+            placements.setdefault(fqn, tuple(pl))
     alternatives = []
-    seen = {win.key()}
+
+    def visible(p: _Priced) -> tuple:  # what an Alternative row shows (v is folded in)
+        return (p.shape, p.schedule, p.zero, p.recompute)
+
+    seen = {visible(win)}
     for p in candidates:
         if len(alternatives) >= k:
             break
-        if p.key() in seen:
+        if visible(p) in seen:
             continue
-        seen.add(p.key())
+        seen.add(visible(p))
         alternatives.append(_alternative(p, win))
     landscape: dict[tuple[int, int, int], _Priced] = {}
     for p in candidates:

@@ -125,6 +125,16 @@ def test_uneven_tp_split_is_rejected():
         _validate(plan3)
 
 
+def test_sequence_parallel_needs_an_even_sequence_split():
+    plan = make_plan(layers=2, tp=2, tp_placements=megatron_tp(2), sequence_parallel=True)
+    _validate(plan)  # 16 tokens over tp=2
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="seq_len=15") as info:
+        _validate(replace(plan, seq_len=15))
+    assert info.value.field == "sequence_parallel"
+
+
 def test_stage_devices_must_follow_row_major_mesh():
     from dataclasses import replace
 

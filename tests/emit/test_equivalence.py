@@ -50,8 +50,10 @@ def test_tp4_megatron_split_with_selective_recompute(tmp_path):
     _run(tmp_path, plan, 2, expect)
 
 
-def test_tp2_dp2_fsdp_zero2_on_tp_dtensors(tmp_path):
-    plan = make_plan(layers=2, tp=2, dp=2, zero_stage=2, tp_placements=megatron_tp(2))
+def test_tp2_dp2_fsdp_zero2_on_tp_dtensors_with_sequence_parallel(tmp_path):
+    plan = make_plan(
+        layers=2, tp=2, dp=2, zero_stage=2, tp_placements=megatron_tp(2), sequence_parallel=True
+    )
     expect = {
         "dp_api": "fully_shard(reshard_after_forward=False)",
         "sharded": {
@@ -60,11 +62,13 @@ def test_tp2_dp2_fsdp_zero2_on_tp_dtensors(tmp_path):
             "layers.0.mlp.up.bias": ("dp", 0),
             "layers.1.attn_norm.weight": ("dp", 0),
         },
+        "replicated_dtensor": ["layers.0.attn_norm.weight", "norm.weight"],
+        "block_seq_len": 16 // 2,
     }
     _run(tmp_path, plan, 2, expect)
 
 
-def test_pp2_tp2_gpipe(tmp_path):
+def test_pp2_tp2_gpipe_with_sequence_parallel(tmp_path):
     stages = [["embed", "layers.0"], ["layers.1", "head"]]
     plan = make_plan(
         layers=2,
@@ -74,10 +78,12 @@ def test_pp2_tp2_gpipe(tmp_path):
         schedule="gpipe",
         microbatches=2,
         tp_placements=megatron_tp(2),
+        sequence_parallel=True,
     )
     expect = {
         "stage_blocks": {0: [0], 1: [1]},
         "sharded": {"layers.0.attn.k.weight": ("tp", 0), "layers.1.attn.o.weight": ("tp", 1)},
+        "block_seq_len": 16 // 2,
     }
     _run(tmp_path, plan, 2, expect)
 

@@ -162,3 +162,35 @@ def test_launch_dry_run_prints_the_exact_line(tmp_path, capsys):
     assert line.startswith(f"{PLAN_ENV}={path.resolve()} ")
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=4" in line
     assert line.endswith("examples/train_gpt.py --steps 2")
+
+
+def test_sequence_parallel_roles_follow_the_tp_pairs():
+    from autopar.emit.tensor_parallel import sequence_parallel_roles
+
+    model = small_gpt(2)
+    roles = sequence_parallel_roles(model, assignments=tp_styles(model, tp_of=megatron_tp(2)))
+    assert roles == {
+        "layers.0": "enter",
+        **{f"layers.{i}.{c}": "norm" for i in (0, 1) for c in ("attn_norm", "mlp_norm")},
+        **{f"layers.{i}.{c}": "gather" for i in (0, 1) for c in ("attn", "mlp")},
+        "norm": "norm",
+        "lm_head": "exit",
+    }
+    # nothing sharded inside the blocks: attention must still see the whole sequence
+    plain = sequence_parallel_roles(model, assignments=[])
+    assert plain["layers.1.attn"] == "gather_scatter" and plain["layers.1.mlp"] == "gather_scatter"
+    # a later pipeline stage receives sequence shards: no "enter"
+    stage = build_stage_module(small_gpt(2), layers=["layers.1", "head"])
+    assert "layers.1" not in sequence_parallel_roles(stage, assignments=[])
+    embed_only = build_stage_module(small_gpt(2), layers=["embed"])
+    with pytest.raises(ConfigError, match="sequence parallelism"):
+        sequence_parallel_roles(embed_only, assignments=[])
+
+
+def test_multi_node_dry_run_leaves_master_addr_to_the_shell(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    make_plan(layers=2, dp=4).to_json(path)
+    assert launch(path, ["train.py"], nnodes=2, dry_run=True) == 0
+    line = capsys.readouterr().out.strip()
+    assert '--rdzv-endpoint="${MASTER_ADDR}":29500' in line
+    assert "--nnodes=2" in line and "--nproc-per-node=2" in line

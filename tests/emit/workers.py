@@ -15,7 +15,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from autopar.emit.apply import apply_plan, cross_entropy_loss
 from autopar.errors import ConfigError
-from autopar.plan import Mesh, Parallel, Plan, Stage
+from autopar.plan import Mesh, Parallel, Plan, Stage, parse_placement
 
 VOCAB = 128
 SEQ = 16
@@ -76,6 +76,7 @@ def make_plan(
     recompute: str = "none",
     tp_placements: dict[str, str] | None = None,
     num_devices: int | None = None,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """A hand-made plan in the search's format (placements per non-pp axis, row-major ranks)."""
     names = tuple(n for n, d in (("pp", pp), ("dp", dp), ("tp", tp)) if d > 1) or ("dp",)
@@ -113,6 +114,7 @@ def make_plan(
         virtual_stages=virtual_stages,
         zero_stage=zero_stage,
         recompute=recompute,
+        sequence_parallel=sequence_parallel,
         placements=placements,
     )
 
@@ -150,18 +152,73 @@ def _check_structure(pm, plan: Plan, expect: dict[str, Any], full_model: torch.n
         assert p.to_local().numel() < full[name].numel()
     if "dp_api" in expect:
         assert pm.dp_api == expect["dp_api"], pm.dp_api
+    for name in expect.get("replicated_dtensor", ()):
+        if name in params:
+            p = params[name]
+            assert isinstance(p, DTensor) and p.device_mesh.mesh_dim_names[-1] == "tp", name
+
+
+def _record_block_seq_lens(pm) -> list[int]:
+    """Sequence length of every block output this rank computes (local view)."""
+    seen: list[int] = []
+    for module in pm.modules:
+        for block in module.layers.values():
+            block.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
+    return seen
 
 
 def equivalence_worker(
     rank: int, world: int, plan_dict: dict, layers: int, expect: dict[str, Any]
 ) -> None:
     """Two training steps of the plan vs. one process on the whole batch: same loss, grads, weights."""
+    _train_and_compare(Plan.from_dict(plan_dict), layers, expect)
+
+
+def expect_from_plan(plan: Plan) -> dict[str, Any]:
+    """Structure a plan promises: tp-sharded parameters; dp-sharded ones under ZeRO >= 1."""
+    sharded: dict[str, tuple[str, int]] = {}
+    axes = plan.stage_dim_names
+    for fqn, spec in plan.placements.items():
+        for axis, text in zip(axes, spec):
+            kind, dim = parse_placement(text)
+            if axis == "tp" and kind == "S" and plan.parallel.tp > 1:
+                sharded[fqn] = ("tp", dim)
+    out: dict[str, Any] = {"sharded": sharded}
+    if plan.sequence_parallel and plan.parallel.tp > 1:
+        out["block_seq_len"] = SEQ // plan.parallel.tp
+    if plan.parallel.dp > 1:
+        out["dp_api"] = (
+            "replicate"
+            if plan.zero_stage == 0
+            else f"fully_shard(reshard_after_forward={plan.zero_stage == 3})"
+        )
+    return out
+
+
+def searched_plan_worker(rank: int, world: int, plan_dict: dict, layers: int) -> None:
+    """A plan from ``autopar.search``: equal to one process for 2 steps, then 4 more AdamW
+    steps on learnable data with a falling loss."""
+    from examples.train_gpt import counting_batch
+
     plan = Plan.from_dict(plan_dict)
+    pm = _train_and_compare(plan, layers, expect_from_plan(plan))
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    losses = []
+    for step in range(4):
+        x, y = counting_batch(step=step, batch=plan.global_batch, seq_len=SEQ, vocab=VOCAB)
+        losses.append(float(pm.step(pm.local_batch(x), pm.local_batch(y))))
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0], losses
+
+
+def _train_and_compare(plan: Plan, layers: int, expect: dict[str, Any]):
     model = small_gpt(layers)
     reference = copy.deepcopy(model)
     x, y = batch()
     pm = apply_plan(model, plan)
     _check_structure(pm, plan, expect, reference)
+    seq_lens = _record_block_seq_lens(pm)
 
     opt = torch.optim.SGD(pm.parameters(), lr=0.5, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
@@ -176,6 +233,9 @@ def equivalence_worker(
             f"step {step}: loss {float(loss)} vs single-process {float(ref_loss)}"
         )
         losses.append(float(loss))
+        if step == 0 and "block_seq_len" in expect:
+            # sequence parallelism: blocks hand on only this rank's share of the sequence
+            assert seq_lens and set(seq_lens) == {expect["block_seq_len"]}, seq_lens
         if step == 0:
             grads = pm.full_gradients()
             assert grads, "this rank holds no gradients"
@@ -190,6 +250,7 @@ def equivalence_worker(
         ok, err = _close(p, ref_params[name].detach())
         assert ok, f"weight {name} after 2 steps: relative error {err:.2e}"
     assert losses[1] < losses[0]
+    return pm
 
 
 def bad_plan_worker(rank: int, world: int, plan_dict: dict, layers: int, match: str) -> None:

@@ -36,6 +36,15 @@ def test_gpt_flops_at_other_shapes() -> None:
     assert graph.batch_size == 4
 
 
+def test_tracing_175b_widths_allocates_no_weights(gpt175_4l) -> None:
+    """Four 175B blocks + embeddings hold 7.9B fp32 parameters (29 GiB): only fake tensors."""
+    import resource
+
+    assert gpt175_4l.param_count * 4 > 29 * 2**30
+    peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    assert peak_bytes < 4 * 2**30
+
+
 def test_backward_is_about_twice_forward(gpt175_4l) -> None:
     ratio = gpt175_4l.bwd_flops / gpt175_4l.fwd_flops
     assert 2.0 <= ratio < 2.2  # matmuls 2x, fused attention backward 2.5x

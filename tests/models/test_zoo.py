@@ -243,3 +243,10 @@ def test_every_family_runs_forward_on_cpu(name: str) -> None:
     model = build(name, device="cpu", **small)
     out = model(*model.example_inputs(2))
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_dtype_in_spec() -> None:
+    model = parse_model_spec("gpt:layers=1,hidden=32,heads=2,vocab=10,dtype=bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="dtype"):
+        parse_model_spec("gpt:layers=1,hidden=32,heads=2,dtype=fp12")

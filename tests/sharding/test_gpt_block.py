@@ -52,3 +52,22 @@ def test_repeated_block_is_solved_once(blocks) -> None:
     assert set(b.placements) == {k.replace("layers.0.", "layers.1.") for k in a.placements}
     assert b.placements["layers.1.mlp.up.weight"] == a.placements["layers.0.mlp.up.weight"]
     assert b.objective_s == a.objective_s
+    assert set(b.op_strategies) <= {n.name for n in second}  # node names re-keyed too
+    assert {c.op for c in b.collectives} <= {n.name for n in second}
+
+
+def test_2d_mesh_keeps_tensor_parallel_inside_hosts(blocks) -> None:
+    block, _ = blocks
+    res = solve_layer(
+        block,
+        mesh=LogicalMesh((2, 8), ("dp", "tp")),
+        cluster=load_cluster("dgx-a100", nodes=2),
+        dtype="bf16",
+        grad_sync_weight=1 / 16,
+    )
+    p = res.placements
+    assert p["layers.0.attn.q.weight"] == ("R", "S(0)")
+    assert p["layers.0.mlp.down.weight"] == ("R", "S(1)")
+    per_microbatch = {c.axis for c in res.collectives if c.phase != "grad_sync"}
+    assert per_microbatch == {"tp"}  # the host-crossing dp axis only carries gradient sync
+    assert {c.axis for c in res.collectives if c.phase == "grad_sync"} == {"dp"}

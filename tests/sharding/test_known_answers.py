@@ -75,7 +75,9 @@ def test_memory_budget_is_a_hard_row(one_host) -> None:
     free = solve_layer(graph, mesh=mesh, cluster=two_hosts, dtype="bf16")
     used = free.param_bytes_per_device + free.activation_bytes
     budget = 0.75 * used
-    tight = solve_layer(graph, mesh=mesh, cluster=two_hosts, dtype="bf16", memory_budget_bytes=budget)
+    tight = solve_layer(
+        graph, mesh=mesh, cluster=two_hosts, dtype="bf16", memory_budget_bytes=budget
+    )
     assert tight.param_bytes_per_device + tight.activation_bytes <= budget
     assert tight.objective_s >= free.objective_s * (1 - 1e-9)
     assert tight.placements != free.placements

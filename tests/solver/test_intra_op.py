@@ -62,7 +62,10 @@ def test_ilp_matches_brute_force(seed: int) -> None:
         with pytest.raises(InfeasibleError):
             solve_intra_op(prob, time_limit_s=10)
         return
-    sol = solve_intra_op(prob, time_limit_s=10)
+    # elimination_table_limit=0 sends the core to CP-SAT (it is otherwise solved by elimination)
+    sol = solve_intra_op(prob, time_limit_s=10, elimination_table_limit=0)
+    fast = solve_intra_op(prob, time_limit_s=10)
+    assert fast.objective_s == pytest.approx(best, abs=1e-12)
     assert sol.status == "optimal" and sol.gap == 0.0
     # integer scaling to nanoseconds: equal up to rounding of each term
     terms = len(prob.names) + len(prob.edges) + len(prob.shared_costs)

@@ -127,7 +127,12 @@ def test_agrees_with_brute_force(seed: int) -> None:
 
 def test_inflight_by_schedule() -> None:
     assert list(inflight_microbatches(schedule="gpipe", num_stages=3, microbatches=5)) == [5, 5, 5]
-    assert list(inflight_microbatches(schedule="1f1b", num_stages=4, microbatches=2)) == [2, 2, 2, 1]
+    assert list(inflight_microbatches(schedule="1f1b", num_stages=4, microbatches=2)) == [
+        2,
+        2,
+        2,
+        1,
+    ]
     inter = inflight_microbatches(
         schedule="interleaved_1f1b", num_stages=4, microbatches=64, virtual_stages=2
     )

@@ -140,3 +140,4 @@ def test_ilp_refinement_keeps_the_number_of_solves_small() -> None:
     # 3 distinct layers (embed, block, head) x 2 shapes at most, whatever the depth
     assert 1 <= stats["ilp_solves"] <= 6
     assert plan.placements and all(len(v) == 2 for v in plan.placements.values())
+    assert Plan.from_json(plan.to_json()).to_dict() == plan.to_dict()
