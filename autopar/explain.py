@@ -45,27 +45,29 @@ def _fmt_s(seconds: float) -> str:
 
 
 def _layer_span(layers: tuple[str, ...]) -> str:
-    """Compact ``embed, layers.0-11`` style summary of a stage's layer names."""
-    out: list[str] = []
-    run: list[int] = []
+    """Compact summary of a stage's layers: ``embed, layers.0-11`` or, for an interleaved stage
+    holding one block every ``stride``, ``layers.1, 9, ..., 89 (12 chunks, every 8)``."""
+    blocks = [int(n.split(".", 1)[1]) for n in layers if _is_block(n)]
+    strides = {b - a for a, b in zip(blocks, blocks[1:])}
+    if len(blocks) > 3 and len(strides) == 1 and strides != {1}:
+        stride = strides.pop()
+        span = f"layers.{blocks[0]}, {blocks[1]}, ..., {blocks[-1]} ({len(blocks)} chunks, every {stride})"
+    else:
+        runs: list[list[int]] = []
+        for idx in blocks:
+            if runs and idx == runs[-1][-1] + 1:
+                runs[-1].append(idx)
+            else:
+                runs.append([idx])
+        span = ", ".join(f"layers.{r[0]}" + (f"-{r[-1]}" if len(r) > 1 else "") for r in runs)
+    before = [n for n in layers if not _is_block(n) and layers.index(n) < len(layers) // 2]
+    after = [n for n in layers if not _is_block(n) and n not in before]
+    return ", ".join([*before, *([span] if span else []), *after])
 
-    def flush() -> None:
-        if run:
-            out.append(f"layers.{run[0]}" if len(run) == 1 else f"layers.{run[0]}-{run[-1]}")
-            run.clear()
 
-    for name in layers:
-        head, _, tail = name.partition(".")
-        if head == "layers" and tail.isdigit():
-            idx = int(tail)
-            if run and idx != run[-1] + 1:
-                flush()
-            run.append(idx)
-        else:
-            flush()
-            out.append(name)
-    flush()
-    return ", ".join(out)
+def _is_block(name: str) -> bool:
+    head, _, tail = name.partition(".")
+    return head == "layers" and tail.isdigit()
 
 
 def _device_span(devices: tuple[int, ...]) -> str:
@@ -84,6 +86,10 @@ def _alt_row(a: Alternative) -> str:
         f"{a.schedule:<16} {a.zero_stage:>4}  {a.recompute:<9} {_fmt_s(a.step_time_s):>10}  "
         f"{a.memory_gib_per_device:>6.1f}  {a.why}"
     )
+
+
+LANDSCAPE_ROWS = 12
+"""Shapes shown in the landscape table; the JSON keeps all of them."""
 
 
 def render(plan: Plan) -> str:
@@ -160,11 +166,17 @@ def render(plan: Plan) -> str:
         lines += [_alt_row(a) for a in plan.alternatives]
     if plan.landscape:
         lines += ["", "best per (dp, tp, pp):"]
+        ranked = sorted(plan.landscape, key=lambda a: a.step_time_s)
         lines += [
             f"  dp={a.parallel.dp:<4} tp={a.parallel.tp:<2} pp={a.parallel.pp:<3} "
             f"{_fmt_s(a.step_time_s):>10}  {a.why}"
-            for a in sorted(plan.landscape, key=lambda a: a.step_time_s)
+            for a in ranked[:LANDSCAPE_ROWS]
         ]
+        if len(ranked) > LANDSCAPE_ROWS:
+            lines.append(
+                f"  ... {len(ranked) - LANDSCAPE_ROWS} more shapes, slowest "
+                f"{_fmt_s(ranked[-1].step_time_s)} (all in the plan's JSON 'landscape')"
+            )
     if plan.solver:
         s = plan.solver
         parts = [f"{k}={v}" for k, v in s.items() if not isinstance(v, dict | list)]

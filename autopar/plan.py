@@ -6,6 +6,10 @@ emitter applies it. Mesh convention (the same as torchtitan's): ``mesh.dim_names
 neighbouring ranks share a host. ``stages[i].devices`` are the global ranks of pipeline stage i.
 Placement strings follow DTensor's short form: ``"R"`` replicate, ``"S(d)"`` shard tensor dim d,
 ``"P"`` partial sum; a parameter has one per non-``pp`` mesh axis, in ``dim_names`` order.
+On ``tp`` a placement says how the parameter is split for compute (Megatron column = ``S(0)``,
+row = ``S(1)`` for a Linear weight). On ``dp`` it says how the parameter is *stored* across
+data-parallel ranks: ``"R"`` unless ``zero_stage == 3``, where ``"S(d)"`` names the FSDP shard dim
+(ZeRO-1/2 shard optimizer state and gradients, not the stored parameter).
 """
 
 from __future__ import annotations

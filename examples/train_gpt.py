@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"step {step} loss {float(loss):.4f} ({time.perf_counter() - t0:.2f} s)",
                     flush=True,
                 )
+        if distributed:
+            dist.barrier()  # let in-flight pipeline sends finish before any rank tears down
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -39,7 +39,10 @@ def make_plan() -> Plan:
         schedule="1f1b",
         zero_stage=1,
         recompute="selective",
-        placements={"layers.0.attn.q.weight": ("R", "S(0)"), "layers.0.attn.o.weight": ("R", "S(1)")},
+        placements={
+            "layers.0.attn.q.weight": ("R", "S(0)"),
+            "layers.0.attn.o.weight": ("R", "S(1)"),
+        },
         predicted=Prediction(
             step_time_s=1.5,
             tokens_per_s=1365.3,
@@ -107,7 +110,8 @@ def test_mesh_axes_must_be_ordered():
 
 
 @pytest.mark.parametrize(
-    "text, parsed", [("R", ("R", None)), ("P", ("P", None)), ("S(0)", ("S", 0)), ("S(12)", ("S", 12))]
+    "text, parsed",
+    [("R", ("R", None)), ("P", ("P", None)), ("S(0)", ("S", 0)), ("S(12)", ("S", 12))],
 )
 def test_parse_placement(text, parsed):
     assert parse_placement(text) == parsed

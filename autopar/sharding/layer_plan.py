@@ -107,7 +107,7 @@ def _make_pricing(
 ) -> Pricing:
     from autopar.cost.collectives import mesh_collective_time_s, volume_collective_time_s
     from autopar.cost.compute import compute_time_s
-    from autopar.cost.memory import saved_activation_bytes
+    from autopar.cost.memory import saved_activation_bytes, saved_tensors
 
     names = tuple(str(n) for n in mesh.dim_names)
     shape = tuple(int(s) for s in mesh.shape)
@@ -146,15 +146,29 @@ def _make_pricing(
         collective_s=coll,
         compute_s=compute,
         saved_bytes=saved_activation_bytes,
+        saved_tensors=lambda node: tuple((t.key, t.nbytes) for t in saved_tensors(node)),
         grad_sync_weight=grad_sync_weight,
         param_memory_multiplier=param_memory_multiplier,
         memory_budget_bytes=memory_budget_bytes,
     )
 
 
-def _matmul_dims(node: OpNode, div: int) -> tuple[int, int, int] | None:
-    """(m, n, k) of a matmul's local shard, so small local matmuls get their lower efficiency."""
+def _matmul_dims(node: OpNode, div: int) -> tuple[int, ...] | None:
+    """(m, n, k) of a matmul's local shard, so small local matmuls get their lower efficiency.
+
+    Fused attention is two batched GEMMs on tensor cores, (batch·heads, s_q, s_k, head dim);
+    the divisor splits its batch·heads (the strategies split batch, heads or queries, which
+    all shrink the GEMM batch the same way for the efficiency curve).
+    """
     name = base_name(node.op)
+    if name in _ATTENTION_OPS:
+        if len(node.input_metas) < 2 or len(node.input_metas[0].shape) < 3:
+            return None
+        q, k = node.input_metas[0].shape, node.input_metas[1].shape
+        batch = 1
+        for d in q[:-2]:
+            batch *= d
+        return (max(1, batch // div), max(1, q[-2]), max(1, k[-2]), max(1, q[-1]))
     if name not in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear") or not node.outputs:
         return None
     metas = node.input_metas[1:] if name in ("addmm", "baddbmm") else node.input_metas
@@ -171,6 +185,16 @@ def _matmul_dims(node: OpNode, div: int) -> tuple[int, int, int] | None:
     big = max(range(3), key=lambda i: dims[i])
     dims[big] = max(1, dims[big] // div)
     return (dims[0], dims[1], dims[2])
+
+
+_ATTENTION_OPS = frozenset(
+    {
+        "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math",
+        "_flash_attention_forward", "_efficient_attention_forward",
+    }
+)  # fmt: skip
 
 
 # -- reading a solution back ----------------------------------------------------------------------
@@ -302,12 +326,16 @@ def solve_layer(
     """Choose every op's sharding of ``graph`` on ``mesh`` and price the result.
 
     ``graph`` is one layer at the batch the mesh processes (the search passes
-    ``graph.with_batch(micro_batch_size * dp)``); ``mesh`` a LogicalMesh of one or two axes whose
+    ``graph.with_batch(micro_batch_size * dp)``); float32 tensors in it are priced in ``dtype``
+    (zoo models trace in fp32, training runs in bf16: ``_costing.in_training_dtype``); ``mesh`` a LogicalMesh of one or two axes whose
     ranks lie on ``cluster``. ``grad_sync_weight`` (1/microbatches) weighs the once-per-step
     gradient all-reduce against per-microbatch time. ``memory_budget_bytes`` bounds
     ``param_bytes x param_memory_multiplier + activation_bytes`` per device; when no layout fits
     an InfeasibleError says by how much.
     """
+    from autopar.solver._costing import in_training_dtype
+
+    graph = in_training_dtype(graph, dtype)  # fp32-traced bytes priced at the training dtype
     sig = graph_signature(graph)
     mesh_key = (
         tuple(mesh.shape),

@@ -27,7 +27,7 @@ lists (the indices of one solution can be re-priced with the other).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -65,7 +65,12 @@ class Pricing:
     compute_s: Callable[[OpNode, int, Literal["fwd", "bwd"]], float]
     """(node, compute divisor, phase) -> seconds for the local shard of the op."""
     saved_bytes: Callable[[OpNode], float]
-    """Bytes the op keeps for backward when unsharded."""
+    """Bytes the op keeps for backward when unsharded (used when ``saved_tensors`` is None)."""
+    saved_tensors: Callable[[OpNode], Sequence[tuple[str, float]]] | None = None
+    """Per op, the tensors it keeps for backward as ``(storage key, bytes)`` (the shape of
+    ``cost.memory.saved_tensors``). When given, each storage is charged once (views resolved),
+    to the first op that saves it, at that op's layout of it: q, k and v all keep the same
+    normalised input, which is one tensor in memory, not three."""
     grad_sync_weight: float = 1.0
     """Weight of once-per-step gradient synchronisation (1 / microbatches)."""
     param_memory_multiplier: float = 1.0
@@ -211,6 +216,7 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         else -1
         for n, d in zip(nodes, dims_of)
     ]
+    owned = _owned_saved_tensors(nodes, index, view_src, pricing)
     shared: dict[tuple, list[tuple[int, int]]] = {}
     shared_coll: dict[tuple, Collective] = {}
     for i, node in enumerate(nodes):
@@ -219,7 +225,7 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         f, b, c, g, pb, ab = (np.zeros(k) for _ in range(6))
         dims = dims_of[i]
         moves = node.kind == "op" and (dims is None or dims.moves_bytes or node.fwd_flops > 0)
-        saved_full = pricing.saved_bytes(node) if node.kind == "op" else 0.0
+        saved = owned[i]
         memo_s: dict[Strategy, tuple[float, ...]] = {}
         for s, st in enumerate(strategies[i]):
             if st not in memo_s:
@@ -236,8 +242,11 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
                 p_b = a_b = 0.0
                 if node.kind == "param" and node.output is not None:
                     p_b = node.output.nbytes * local_numel_fraction(st.output_specs[0], mesh_shape)
-                elif saved_full > 0:
-                    a_b = saved_full * _local_fraction(node, st, param_derived, ins, mesh_shape)
+                elif saved:
+                    a_b = sum(
+                        nbytes * _saved_fraction(node, st, which, param_derived, ins, mesh_shape)
+                        for which, nbytes in saved
+                    )
                 memo_s[st] = (fs, bs, cm, gs, p_b, a_b)
             f[s], b[s], c[s], g[s], pb[s], ab[s] = memo_s[st]
             for coll in st.collectives:
@@ -397,3 +406,70 @@ def _local_fraction(
     if st.output_specs and not any(isinstance(p, Partial) for p in st.output_specs[0]):
         return local_numel_fraction(st.output_specs[0], mesh_shape)
     return 1.0
+
+
+_WHOLE = -1
+"""``_owned_saved_tensors`` marker: the op's whole per-op saved bytes (no per-tensor split)."""
+
+
+def _owned_saved_tensors(
+    nodes: list[OpNode], index: dict[str, int], view_src: list[int], pricing: Pricing
+) -> list[list[tuple[int | tuple[str, int], float]]]:
+    """Per node, the saved tensors it is charged for: ``(which, bytes)``.
+
+    ``which`` is ``("in", j)`` for its input j, ``("out", k)`` for its output k (a mask sized
+    like output 0 counts as output 0), or ``_WHOLE`` for the per-op fallback. A storage saved by
+    several ops (or by ops reading different views of it) is charged to the first one only.
+    """
+    out: list[list[tuple[int | tuple[str, int], float]]] = [[] for _ in nodes]
+    if pricing.saved_tensors is None:
+        for i, node in enumerate(nodes):
+            if node.kind == "op":
+                b = float(pricing.saved_bytes(node))
+                if b > 0:
+                    out[i].append((_WHOLE, b))
+        return out
+
+    def root(name: str) -> str:
+        i = index.get(name, -1)
+        while i >= 0 and view_src[i] >= 0:
+            i = view_src[i]
+        return nodes[i].name if i >= 0 else name
+
+    seen: set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.kind != "op":
+            continue
+        for key, nbytes in pricing.saved_tensors(node):
+            if nbytes <= 0:
+                continue
+            if key in node.inputs:
+                which: int | tuple[str, int] = ("in", node.inputs.index(key))
+            elif key.startswith(node.name + ":") and key[len(node.name) + 1 :].isdigit():
+                which = ("out", int(key[len(node.name) + 1 :]))
+            else:
+                which = ("out", 0)  # own output, or a mask shaped like it
+            storage = root(key) if which[0] == "in" else key
+            if storage in seen:
+                continue
+            seen.add(storage)
+            out[i].append((which, float(nbytes)))
+    return out
+
+
+def _saved_fraction(
+    node: OpNode,
+    st: Strategy,
+    which: int | tuple[str, int],
+    param_derived: list[bool],
+    ins: list[int],
+    mesh_shape: tuple[int, ...],
+) -> float:
+    """Share of one saved tensor a device keeps under strategy ``st`` (Partial keeps it whole)."""
+    if which == _WHOLE:
+        return _local_fraction(node, st, param_derived, ins, mesh_shape)
+    kind, k = which  # type: ignore[misc]
+    specs = st.input_specs if kind == "in" else st.output_specs
+    if not specs:
+        return 1.0
+    return local_numel_fraction(specs[min(k, len(specs) - 1)], mesh_shape)

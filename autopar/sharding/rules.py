@@ -189,6 +189,7 @@ def _elementwise(node: OpNode) -> OpDims:
         partial_input=primary if linear and (name not in ("div",) or primary == 0) else None,
         follow=True,
         primary=primary,
+        moves_bytes=name not in _METADATA_ONLY,
     )
 
 
@@ -650,6 +651,8 @@ def _creation(node: OpNode) -> OpDims:
     )
 
 
+_METADATA_ONLY = frozenset({"alias", "detach"})
+"""Elementwise-shaped ops that return a view: no kernel, no memory traffic."""
 _LINEAR_UNARY = frozenset(
     {"clone", "_to_copy", "to", "contiguous", "neg", "alias", "detach", "copy", "lift_fresh_copy",
      "type_as", "_unsafe_view", "view", "reshape"}

@@ -23,7 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["LayerCost", "analytic_layer_cost", "ilp_layer_cost", "layer_kind", "MATMUL_OPS"]
+__all__ = [
+    "LayerCost",
+    "analytic_layer_cost",
+    "ilp_layer_cost",
+    "in_training_dtype",
+    "layer_kind",
+    "MATMUL_OPS",
+]
 
 MATMUL_OPS = frozenset(
     {
@@ -131,16 +138,6 @@ def _op_split(op: Any, layer_name: str, kind: str) -> bool:
     return False
 
 
-_VIEW_OPS = frozenset(
-    {
-        "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze",
-        "squeeze", "slice", "select", "alias", "split", "split_with_sizes", "detach",
-        "as_strided", "unbind", "chunk", "narrow", "view_as", "expand_as", "arange", "lift_fresh",
-        "_to_copy", "zeros", "ones", "full", "empty", "scalar_tensor",
-    }
-)  # fmt: skip
-
-
 def op_base(op_name: str) -> str:
     """``"aten.view.default"`` -> ``"view"``."""
     parts = op_name.split(".")
@@ -148,9 +145,13 @@ def op_base(op_name: str) -> str:
 
 
 def _op_bytes(op: Any) -> float:
-    """Bytes a kernel reads and writes; views move nothing, a lookup reads only its rows."""
+    """Bytes a kernel reads and writes; views move nothing, a lookup reads only its rows.
+
+    Views are metadata (a later contiguous copy is its own aten op); everything else, creation
+    ops included, writes its output: the same rule as the ILP's (``rules.OpDims.moves_bytes``).
+    """
     base = op_base(op.op)
-    if base in _VIEW_OPS:
+    if base in _ALIAS_OPS:
         return 0.0
     out = float(sum(m.nbytes for m in op.outputs))
     if base in ("embedding", "index_select", "gather"):
@@ -202,7 +203,7 @@ def analytic_layer_cost(
     sequence_parallel: bool,
     compute_time_s: Any,
     mesh_collective_time_s: Any,
-    saved_activation_bytes: Any,
+    saved_tensors: Any,
     collective_time_s: Any,
     attention_kernel: str = "fused",
 ) -> LayerCost:
@@ -211,12 +212,18 @@ def analytic_layer_cost(
     ``ops`` are the layer's operator nodes at the per-device micro-batch, ``params`` its
     parameters {fqn: TensorMeta}. ``full_mesh`` is the (pp, dp, tp) LogicalMesh whose dp and tp
     groups the collectives run on (all groups at once, so NICs are shared as in the real step).
+    ``saved_tensors`` is ``cost.memory.saved_tensors``: activations are counted per stored
+    tensor (:func:`_saved_per_op`), as the intra-op ILP counts them.
     """
     kind = layer_kind(name)
     device = cluster.device
     fwd_s = bwd_s = core_fwd = 0.0
     act = core_act = 0.0
     fwd_flops = bwd_flops = 0.0
+    saved_of = _saved_per_op(
+        graph, ops, kind=kind, tp=tp, sequence_parallel=sequence_parallel,
+        saved_tensors=saved_tensors,
+    )  # fmt: skip
     for op in ops:
         split = _op_split(op, name, kind)
         k = tp if (split or sequence_parallel) else 1
@@ -232,11 +239,12 @@ def analytic_layer_cost(
             dtype=dtype,
             matmul_dims=dims,
         )
-        saved = saved_activation_bytes(op) / k
+        saved = saved_of.get(op.name, 0.0)
         if attention_kernel == "unfused" and "scaled_dot_product" in op.op:
-            f, b, saved = _unfused_attention(
+            f, b, scores_saved = _unfused_attention(
                 op, k, dims, device=device, dtype=dtype, compute_time_s=compute_time_s
             )
+            saved += scores_saved
         fwd_s += f
         bwd_s += b
         act += saved
@@ -337,10 +345,12 @@ _UNFUSED_SAVED_BYTES_PER_SCORE = 5.0
 def _unfused_attention(
     op: Any, k: int, dims: Any, *, device: Any, dtype: str, compute_time_s: Any
 ) -> tuple[float, float, float]:
-    """(fwd_s, bwd_s, saved_bytes) of attention that materialises its scores.
+    """(fwd_s, bwd_s, score_bytes_saved) of attention that materialises its scores.
 
     The two batched GEMMs run at tensor-core rate; the score tensor's passes are separate
     memory-bound kernels, so their time adds to the GEMMs' instead of hiding under a roofline.
+    The saved bytes are the score tensors only: q, k, v are counted with the other stored
+    tensors (``_saved_per_op``).
     """
     q = op.input_metas[0]
     kk = op.input_metas[1] if len(op.input_metas) > 1 else q
@@ -367,8 +377,93 @@ def _unfused_attention(
     mem_b = compute_time_s(
         flops=0.0, bytes_moved=_UNFUSED_BWD_PASSES * item * scores, device=device, dtype=dtype
     )
-    saved = _UNFUSED_SAVED_BYTES_PER_SCORE * scores * item / 2.0 + qkvo
+    saved = _UNFUSED_SAVED_BYTES_PER_SCORE * scores * item / 2.0
     return gemm_f + mem_f, gemm_b + mem_b, saved
+
+
+#: pure views: their output is their first input's storage (no kernel, nothing stored twice)
+_ALIAS_OPS = frozenset(
+    {
+        "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze",
+        "squeeze", "slice", "select", "alias", "split", "split_with_sizes", "detach",
+        "as_strided", "unbind", "chunk", "narrow", "view_as", "expand_as", "getitem",
+        "flatten", "unflatten", "_reshape_alias",
+    }
+)  # fmt: skip
+_LOOKUP_OPS = frozenset({"embedding", "index_select", "gather"})
+
+
+def _saved_per_op(
+    graph: Any,
+    ops: tuple[Any, ...],
+    *,
+    kind: str,
+    tp: int,
+    sequence_parallel: bool,
+    saved_tensors: Any,
+) -> dict[str, float]:
+    """Per op name: bytes per device of the stored tensors it is the first to keep for backward.
+
+    Each storage counts once (views resolved), like ``cost.memory.graph_saved_activation_bytes``
+    and the ILP's memory row. Under Megatron's split a tensor is divided by tp when it is
+    sharded: outputs of column-parallel matmuls (weight split on dim 0) and everything computed
+    from them, until a row-parallel matmul (split on dim 1) or a vocabulary-parallel lookup
+    all-reduces it back to a replicated tensor; with sequence parallelism every tensor is
+    (Korthikanti et al.: 10 + 24/t bytes·sbh without it, 34/t with it).
+    """
+    root: dict[str, str] = {}
+    sharded: dict[str, bool] = {}
+    split_of: dict[str, int | None] = {}  # param-derived node -> Megatron split dim
+
+    def node_of(name: str) -> Any:
+        try:
+            return graph.node(name)
+        except (KeyError, AttributeError):
+            return None
+
+    for op in ops:
+        base = op_base(op.op)
+        ins = list(op.inputs)
+        if base in _ALIAS_OPS and ins:
+            src = ins[0]
+            root[op.name] = root.get(src, src)
+            sharded[op.name] = sharded.get(src, False)
+            if src in split_of:
+                split_of[op.name] = split_of[src]
+            elif (n := node_of(src)) is not None and n.kind == "param" and n.output is not None:
+                split_of[op.name] = _param_split_dim(n.params[0] if n.params else src, n.output, kind)
+            continue
+        dims = []
+        for p in ins:
+            if p in split_of:
+                dims.append(split_of[p])
+            elif (n := node_of(p)) is not None and n.kind == "param" and n.output is not None:
+                dims.append(_param_split_dim(n.params[0] if n.params else p, n.output, kind))
+        if tp > 1 and 0 in dims and base not in _LOOKUP_OPS:
+            sharded[op.name] = True  # column-parallel: output features split
+        elif tp > 1 and (1 in dims or (0 in dims and base in _LOOKUP_OPS)):
+            sharded[op.name] = False  # row-parallel / vocabulary-parallel: all-reduced
+        else:
+            sharded[op.name] = any(sharded.get(p, False) for p in ins)
+    out: dict[str, float] = {}
+    seen: set[str] = set()
+    for op in ops:
+        total = 0.0
+        for t in saved_tensors(op):
+            if t.nbytes <= 0:
+                continue
+            is_input = t.key in op.inputs
+            storage = root.get(t.key, t.key) if is_input else t.key
+            if storage in seen:
+                continue
+            seen.add(storage)
+            cut = sequence_parallel or (
+                sharded.get(t.key, False) if is_input else sharded.get(op.name, False)
+            )
+            total += float(t.nbytes) / (tp if cut and tp > 1 else 1)
+        if total:
+            out[op.name] = total
+    return out
 
 
 _LINEAR_OPS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.linear.default"})
@@ -392,22 +487,23 @@ def _param_split_dim(fqn: str, meta: Any, kind: str) -> int | None:
     return None
 
 
-def ilp_layer_cost(base: LayerCost, sharding: Any, *, dtype_bytes: int) -> LayerCost:
+def ilp_layer_cost(base: LayerCost, sharding: Any, *, params_per_device: float) -> LayerCost:
     """A LayerCost whose compute, comm and memory come from the intra-op ILP's LayerSharding.
 
-    The ILP reports tensor-parallel communication for forward + backward together; it is split
-    evenly between the two passes (what full recompute re-runs is the forward half). Selective
-    recompute and p2p sizes keep the analytic estimate of ``base``: the ILP does not report them.
+    Forward and backward communication are the ILP's own ``comm_fwd_s`` / ``comm_bwd_s`` (what
+    full recompute re-runs is the forward part). ``params_per_device`` is what one device holds
+    before ZeRO (split by tp only; a dp split of the ILP's is ZeRO-3, which the search applies).
+    Selective recompute and p2p sizes keep the analytic estimate of ``base``: the ILP does not
+    report them.
     """
-    tp_half = float(sharding.tp_comm_s) / 2.0
     return replace(
         base,
         fwd_s=float(sharding.fwd_compute_s),
         bwd_s=float(sharding.bwd_compute_s),
-        tp_fwd_s=tp_half,
-        tp_bwd_s=tp_half,
+        tp_fwd_s=float(sharding.comm_fwd_s),
+        tp_bwd_s=float(sharding.comm_bwd_s),
         grad_sync_s=float(sharding.grad_sync_s),
-        params_per_device=float(sharding.param_bytes_per_device) / dtype_bytes,
+        params_per_device=float(params_per_device),
         act_bytes=float(sharding.activation_bytes),
         core_act_bytes=min(base.core_act_bytes, float(sharding.activation_bytes)),
         placements={k: tuple(v) for k, v in sharding.placements.items()},
@@ -415,3 +511,52 @@ def ilp_layer_cost(base: LayerCost, sharding: Any, *, dtype_bytes: int) -> Layer
         status=str(sharding.status),
         gap=float(sharding.gap or 0.0),
     )
+
+
+_TORCH_DTYPE = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+    "fp32": "float32", "float32": "float32",
+}  # fmt: skip
+
+
+def in_training_dtype(graph: Any, dtype: str) -> Any:
+    """The graph with fp32 activations and weights re-stated in the training dtype.
+
+    Zoo models are built on meta in fp32; under bf16/fp16 mixed precision the activations,
+    weights the kernels read and messages on the wire are 16-bit, so bytes are priced as such.
+    Both pricers (the analytic split here, the intra-op ILP in ``sharding.layer_plan``) go
+    through this one function, so their byte counts agree. Returns ``graph`` itself when
+    nothing changes (fp32 training, or a graph already in the training dtype).
+    """
+    from dataclasses import replace as dc_replace
+
+    from autopar.graph.opgraph import OpGraph, TensorMeta
+
+    target = _TORCH_DTYPE.get(dtype)
+    if target is None:
+        from autopar.errors import ConfigError
+
+        raise ConfigError(f"unknown dtype {dtype!r}", field="dtype", allowed=("bf16", "fp16", "fp32"))
+    if target == "float32":
+        return graph
+    if not any(
+        m.dtype == "float32" for node in graph for m in (*node.outputs, *node.input_metas)
+    ):
+        return graph
+
+    def conv(m: TensorMeta) -> TensorMeta:
+        return TensorMeta(m.shape, target, m.batch_dim) if m.dtype == "float32" else m
+
+    g = graph.nx_graph.copy()
+    for _, data in g.nodes(data=True):
+        op = data["op"]
+        if any(m.dtype == "float32" for m in (*op.outputs, *op.input_metas)):
+            data["op"] = dc_replace(
+                op,
+                outputs=tuple(conv(m) for m in op.outputs),
+                input_metas=tuple(conv(m) for m in op.input_metas),
+            )
+    for _, _, data in g.edges(data=True):
+        if "tensor" in data and data["tensor"] is not None:
+            data["tensor"] = conv(data["tensor"])
+    return OpGraph(g, name=graph.name, batch_size=graph.batch_size, metadata=dict(graph.metadata))

@@ -86,6 +86,7 @@ from autopar.solver._costing import (
     LayerCost,
     analytic_layer_cost,
     ilp_layer_cost,
+    in_training_dtype,
     layer_kind,
 )
 from autopar.solver.pipeline import inflight_microbatches, solve_stages
@@ -101,6 +102,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 RECOMPUTE = ("none", "selective", "full")
 ZERO_STAGES = (0, 1, 2, 3)
 MAX_MICRO_BATCH = 64
+TIE_RTOL = 1e-3
+"""Relative step-time difference under which the ILP's and the analytic pricing of one
+candidate count as a tie (the ILP's graph-derived placements are then preferred)."""
 TIME_TERMS = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm")
 _TERM_WORDS = {
     "compute": "compute",
@@ -185,7 +189,7 @@ def _prepare(model_or_graph: Any, config: TrainingConfig) -> _ModelInfo:
         name = _model_name(model)
     if graph.batch_size != 1:
         graph = graph.with_batch(1)
-    graph = _in_training_dtype(graph, config)
+    graph = in_training_dtype(graph, config.dtype)
     seq_len = config.seq_len or _seq_len_of(graph)
     grouped = list(group_layers(graph))
     layers = [
@@ -282,45 +286,6 @@ def _unfold(layers: list[_LayerInfo], keys: list[str]) -> list[_LayerInfo]:
         )
     out += layers[blocks[1] + 1 :]
     return out
-
-
-_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def _in_training_dtype(graph: Any, config: TrainingConfig) -> Any:
-    """The graph with fp32 activations and weights re-stated in the training dtype.
-
-    Zoo models are built on meta in fp32; under bf16/fp16 mixed precision the activations,
-    weights the kernels read and messages on the wire are 16-bit, so bytes are priced as such.
-    """
-    from dataclasses import replace as dc_replace
-
-    from autopar.graph.opgraph import OpGraph, TensorMeta
-
-    target = _TORCH_DTYPE[config.dtype]
-    if target == "float32":
-        return graph
-
-    def conv(m: TensorMeta) -> TensorMeta:
-        return TensorMeta(m.shape, target, m.batch_dim) if m.dtype == "float32" else m
-
-    g = graph.nx_graph.copy()
-    changed = False
-    for _, data in g.nodes(data=True):
-        op = data["op"]
-        if any(m.dtype == "float32" for m in (*op.outputs, *op.input_metas)):
-            data["op"] = dc_replace(
-                op,
-                outputs=tuple(conv(m) for m in op.outputs),
-                input_metas=tuple(conv(m) for m in op.input_metas),
-            )
-            changed = True
-    for _, _, data in g.edges(data=True):
-        if "tensor" in data and data["tensor"] is not None:
-            data["tensor"] = conv(data["tensor"])
-    if not changed:
-        return graph
-    return OpGraph(g, name=graph.name, batch_size=graph.batch_size, metadata=dict(graph.metadata))
 
 
 def _seq_len_of(graph: Any) -> int:
@@ -435,6 +400,10 @@ def _shapes(info: _ModelInfo, world: int, batch: int, fixed: dict[str, Any]) -> 
                     continue
                 if "microbatches" in fixed and per_replica // b != fixed["microbatches"]:
                     continue
+                if pp > 1 and per_replica // b < pp:
+                    # Fewer microbatches than stages leaves stages idle and is rejected by the
+                    # pipeline schedules (torch.distributed.pipelining, Megatron-LM) we emit to.
+                    continue
                 out.append(_Shape(pp=pp, dp=dp, tp=tp, b=b))
     return out
 
@@ -452,7 +421,7 @@ class _Context:
     compute_time_s: Any
     mesh_collective_time_s: Any
     collective_time_s: Any
-    saved_activation_bytes: Any
+    saved_tensors: Any
     LogicalMesh: Any
     attention_kernel: str = "fused"
     blocks: list = field(default_factory=list)
@@ -503,7 +472,7 @@ class _Context:
                     sequence_parallel=sp,
                     compute_time_s=self.compute_time_s,
                     mesh_collective_time_s=self.mesh_collective_time_s,
-                    saved_activation_bytes=self.saved_activation_bytes,
+                    saved_tensors=self.saved_tensors,
                     collective_time_s=self.collective_time_s,
                     attention_kernel=self.attention_kernel,
                 )
@@ -549,9 +518,23 @@ class _Context:
                 hit = (layer.graph_params, sharding)
                 self.ilp_cache[key] = hit
             rep_params, sharding = hit
-            priced = ilp_layer_cost(cost, sharding, dtype_bytes=self.config.dtype_bytes)
+            g = self.layer_at(layer, shape.b * shape.dp)
+            priced = ilp_layer_cost(
+                cost,
+                sharding,
+                params_per_device=_params_per_dp_replica(g, sharding.placements, shape),
+            )
             out.append(replace(priced, param_names=rep_params))
         return tuple(out)
+
+    def ilp_if_solved(self, shape: _Shape) -> tuple[LayerCost, ...] | None:
+        """The ILP's LayerCosts of ``shape`` if every layer was already solved for it."""
+        if all(
+            (layer.signature, shape.dp, shape.tp, shape.b) in self.ilp_cache
+            for layer in self.info.layers
+        ):
+            return self.ilp(shape, time_limit_s=0.0)  # all cached: no solver call
+        return None
 
     def p2p_s(self, shape: _Shape, nbytes: float) -> float:
         """Send of one stage boundary's activation (all dp·tp pairs at once)."""
@@ -566,6 +549,34 @@ class _Context:
             hit = self.collective_time_s("p2p", nbytes, (src, dst), self.cluster)
             self.p2p_cache[key] = hit
         return hit
+
+
+def _params_per_dp_replica(
+    g: Any, placements: dict[str, tuple[str, ...]], shape: _Shape
+) -> float:
+    """Parameters one device holds before ZeRO: split by the non-dp axes of the stage mesh only.
+
+    The ILP may store a weight sharded over dp (ZeRO-3-like); the search accounts for that with
+    ``zero = 3`` (which divides by dp itself), so the dp split is left out here.
+    """
+    from autopar.plan import parse_placement
+
+    sizes = (shape.dp, shape.tp)
+    total = 0.0
+    for fqn, meta in g.params().items():
+        n = float(meta.numel)
+        for axis, text in enumerate(placements.get(fqn, ())):
+            if axis == 0:
+                continue  # dp: storage, handled by the ZeRO stage
+            kind, _ = parse_placement(text)
+            if kind == "S" and axis < len(sizes):
+                n /= sizes[axis]
+        total += n
+    return total
+
+
+def _stores_sharded_on_dp(cost: LayerCost) -> bool:
+    return any(pl and pl[0] != "R" for pl in cost.placements.values())
 
 
 def _input_bytes(g: Any) -> float:
@@ -963,6 +974,12 @@ def _price_shape(
     zeros = _options(fixed, "zero", ZERO_STAGES)
     if shape.dp == 1:
         zeros = [z for z in zeros if z == 0] or zeros[:1]
+    elif any(_stores_sharded_on_dp(c) for c in costs):
+        # the ILP stores some weights sharded over dp: that is ZeRO-3 (gathered per use), so
+        # only zero = 3 describes it (the Plan's dp placements are "R" otherwise)
+        zeros = [z for z in zeros if z == 3]
+        if not zeros:
+            return []
     uniform = _uniform_owner(n, blocks, pp)
     jobs: list[_DPJob] = []
     for recompute in _options(fixed, "recompute", RECOMPUTE):
@@ -1064,7 +1081,7 @@ def search(
     """
     from autopar.cost.collectives import collective_time_s, mesh_collective_time_s
     from autopar.cost.compute import compute_time_s
-    from autopar.cost.memory import saved_activation_bytes
+    from autopar.cost.memory import saved_tensors
     from autopar.topology.mesh import LogicalMesh
 
     t_start = time.perf_counter()
@@ -1094,7 +1111,7 @@ def search(
         compute_time_s=compute_time_s,
         mesh_collective_time_s=mesh_collective_time_s,
         collective_time_s=collective_time_s,
-        saved_activation_bytes=saved_activation_bytes,
+        saved_tensors=saved_tensors,
         LogicalMesh=LogicalMesh,
         attention_kernel=attention_kernel,
     )
@@ -1174,17 +1191,25 @@ def search(
                 _run_dp(ctx, job, keep_local, need)
             refined.extend(local.values())
         if refined:
-            # both are feasible shardings of the same candidate: keep the cheaper one (the ILP
-            # searched a space that contains Megatron's split, up to its own pricing details)
+            # both are feasible shardings of the same candidate: keep the cheaper one. On a tie
+            # (within TIE_RTOL) the ILP's is kept: its placements come from the graph, Megatron's
+            # from module names. The two price the same split alike (tests pin it), so a
+            # difference is a different plan (or sequence parallelism, which only the analytic
+            # split models), not a different price for the same plan.
             ilp_ran = True
-            wins = 0
+            wins = ties = 0
             for p in refined:
                 old = best.get(p.key())
-                if old is None or p.step_s < old.step_s:
-                    best[p.key()] = p
+                if old is None or p.step_s < old.step_s * (1.0 - TIE_RTOL):
                     wins += 1
+                elif p.step_s <= old.step_s * (1.0 + TIE_RTOL):
+                    ties += 1
+                else:
+                    continue
+                best[p.key()] = p
             ctx.stats["ilp_candidates"] = len(refined)
             ctx.stats["ilp_better_than_megatron_split"] = wins
+            ctx.stats["ilp_ties_megatron_split"] = ties
             candidates = sorted(best.values(), key=lambda p: p.step_s)
     winner = candidates[0]
     elapsed = time.perf_counter() - t_start
@@ -1314,6 +1339,38 @@ def _host_mapping(cluster: Any, shape: _Shape) -> str:
     return f"{body} ({per_host} devices per host, tp innermost)"
 
 
+def _same_tp_placements(a: tuple[LayerCost, ...], b: tuple[LayerCost, ...]) -> bool:
+    """Do two pricings of one shape split every parameter alike on the non-dp axes?"""
+    for ca, cb in zip(a, b):
+        pa = _rename_placements(ca.placements, ca.param_names, cb.param_names)
+        for fqn, pl in cb.placements.items():
+            if fqn in pa and tuple(pa[fqn][1:]) != tuple(pl[1:]):
+                return False
+    return True
+
+
+def _plan_placements(
+    info: _ModelInfo, costs: tuple[LayerCost, ...], *, zero: int, dp: int
+) -> dict[str, tuple[str, ...]]:
+    """Per-parameter placements for the Plan, dp entry first (the stage mesh is (dp, tp)).
+
+    The dp entry says how a parameter is *stored* over data-parallel ranks: ``"R"`` unless
+    ZeRO-3, where it is the FSDP shard dim (the ILP's own dp shard dim when it chose one, else
+    dim 0). ZeRO-1/2 shard optimizer state and gradients, never the stored weight.
+    """
+    placements: dict[str, tuple[str, ...]] = {}
+    for layer, cost in zip(info.layers, costs):
+        renamed = _rename_placements(cost.placements, cost.param_names, layer.params)
+        for fqn, pl in renamed.items():
+            pl = tuple(pl)
+            if zero == 3 and dp > 1:
+                head = pl[0] if pl and pl[0].startswith("S") else "S(0)"
+            else:
+                head = "R"
+            placements.setdefault(fqn, (head, *pl[1:]))
+    return placements
+
+
 def _build_plan(
     ctx: _Context, win: _Priced, candidates: list[_Priced], stats: dict[str, Any], k: int
 ) -> Plan:
@@ -1329,13 +1386,13 @@ def _build_plan(
         )
         for s in range(shape.pp)
     )
-    placements: dict[str, tuple[str, ...]] = {}
-    for layer, cost in zip(info.layers, win.costs):
-        renamed = _rename_placements(cost.placements, cost.param_names, layer.params)
-        for fqn, pl in renamed.items():
-            if win.zero == 3 and shape.dp > 1 and pl and pl[0] == "R":
-                pl = ("S(0)", *pl[1:])  # ZeRO-3 / FSDP shards each weight over dp on dim 0
-            placements.setdefault(fqn, tuple(pl))
+    costs, placements_from = win.costs, win.source
+    if win.source != "ilp":
+        ilp_costs = ctx.ilp_if_solved(shape)
+        if ilp_costs is not None and _same_tp_placements(ilp_costs, win.costs):
+            # the ILP ran for this shape and chose the same split: name it from the graph
+            costs, placements_from = ilp_costs, "ilp"
+    placements = _plan_placements(info, costs, zero=win.zero, dp=shape.dp)
     alternatives = []
 
     def visible(p: _Priced) -> tuple:  # what an Alternative row shows (v is folded in)
@@ -1360,6 +1417,7 @@ def _build_plan(
     )
     stats = dict(stats)
     stats["winner_pricing"] = win.source
+    stats["placements_from"] = placements_from
     if win.source == "ilp":
         st = {c.status for c in win.costs}
         stats["winner_ilp_status"] = ",".join(sorted(st))

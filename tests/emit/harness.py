@@ -35,6 +35,9 @@ def _entry(
     )
     try:
         fn(rank, world, *args)
+        # Every rank finishes its sends/receives before any tears gloo down: a rank that exits
+        # while a peer's pipeline p2p is still in flight aborts that peer (std::terminate).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
