@@ -6,7 +6,8 @@ The rows live in ``benchmarks/data/published_training.csv`` (sources and columns
 ``benchmarks/data/README.md``): Korthikanti et al. 2022 (selective recompute and sequence
 parallelism, GPT 22B-1T on Selene), MT-NLG 530B (Selene, up to 3360 GPUs), BLOOM-176B (Jean Zay:
 four 100 Gb/s Omni-Path NICs per node instead of eight 200 Gb/s InfiniBand), Llama 3 405B (H100,
-Meta's RoCE cluster, 8K and 16K GPUs) and OPT-175B (uncertain, excluded from the statistics).
+Meta's RoCE cluster, 8K and 16K GPUs), and, printed but excluded from the statistics, OPT-175B
+(FLOP convention and batch not published) and two NeMo H100 FP8 runs (autopar has no FP8).
 Nothing here is fitted: every row uses the shipped device and link profiles; the two cluster
 files in ``benchmarks/data/topologies`` are written from the papers' hardware descriptions.
 
@@ -24,6 +25,7 @@ Like with like (the ``metric`` column):
 * ``tflops_model``: the source publishes model-FLOP TFLOP/s (MFU in the sense of Chowdhery et
   al., no recompute). The prediction is ``F / (T_predicted · gpus)`` with
   ``F = B · s · (6 · N + 12 · l · h · s)`` (PaLM's appendix B count, N all parameters).
+* ``tokens_per_s_per_gpu``: ``B · s / (T_predicted · gpus)``, convention-free like iteration time.
 * ``tflops_unknown``: the FLOP convention is not published; compared with autopar's own model
   TFLOP/s and flagged, never counted in the statistics.
 
@@ -48,6 +50,7 @@ DATA = ROOT / "benchmarks" / "data"
 sys.path.insert(0, str(ROOT))
 
 from autopar.config import TrainingConfig  # noqa: E402
+from autopar.errors import AutoparError  # noqa: E402
 from autopar.models import gpt, llama  # noqa: E402
 from autopar.solver.search import search  # noqa: E402
 from autopar.topology.load import load_cluster  # noqa: E402
@@ -123,6 +126,8 @@ def predicted_metric(plan: Any, *, row: dict[str, str], params: float) -> float:
         return t
     if row["metric"] == "tflops_model":
         return palm_model_flops(row=row, params=params) / (t * int(row["gpus"])) / 1e12
+    if row["metric"] == "tokens_per_s_per_gpu":
+        return int(row["global_batch"]) * int(row["seq_len"]) / (t * int(row["gpus"]))
     return plan.predicted.tflops_per_device
 
 
@@ -142,11 +147,16 @@ def describe(plan: Any) -> str:
     )
 
 
+def priced_dtype(row: dict[str, str]) -> str:
+    """The training dtype priced: autopar has no FP8 training, so FP8 rows are priced in BF16."""
+    return "bf16" if row["dtype"] == "fp8" else row["dtype"]
+
+
 def run_search(row: dict[str, str], *, model: Any, cluster: Any, fixed: dict[str, Any]) -> Any:
     cfg = TrainingConfig(
         global_batch=int(row["global_batch"]),
         seq_len=int(row["seq_len"]),
-        dtype=row["dtype"],
+        dtype=priced_dtype(row),
         optimizer="adam",
     )
     return search(
@@ -154,11 +164,36 @@ def run_search(row: dict[str, str], *, model: Any, cluster: Any, fixed: dict[str
         cluster,
         cfg,
         fixed=fixed,
-        top_k=2,
+        top_k=3,
         progress=False,
         layer_pricing="analytic",
         attention_kernel=row["attention_kernel"],
     )
+
+
+def price_published(row: dict[str, str], *, model: Any, cluster: Any) -> tuple[Any, list[str]]:
+    """The published configuration; knobs autopar cannot represent are released in a fixed order.
+
+    Same rule for every row (as ``megatron.py`` falls back from interleaved to plain 1F1B):
+    first the schedule (interleaving needs layers divisible by pp · v chunks; Llama 3 used
+    unequal first and last stages), then recompute, then the ZeRO stage (a published setting
+    may not fit autopar's memory model). Returns the plan and the knobs released.
+    """
+    fixed = fixed_knobs(row)
+    relaxed: list[str] = []
+    release = (("schedule", ("schedule", "virtual_stages")), ("recompute", ("recompute",)),
+               ("zero", ("zero",)))  # fmt: skip
+    while True:
+        try:
+            return run_search(row, model=model, cluster=cluster, fixed=fixed), relaxed
+        except AutoparError:
+            for name, keys in release:
+                if any(k in fixed for k in keys):
+                    desc = ", ".join(f"{k}={fixed.pop(k)}" for k in keys if k in fixed)
+                    relaxed.append(desc or name)
+                    break
+            else:
+                raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"== held-out published runs: {CSV_PATH.relative_to(ROOT)} ({len(rows)} rows) ==")
     print(
-        f"{'row':<17} {'metric':<13} {'published':>9} {'predicted':>9} {'err%':>7}  "
+        f"{'row':<24} {'metric':<13} {'published':>9} {'predicted':>9} {'err%':>7}  "
         f"{'free':>9} {'free/pub':>8}  published plan as priced | free plan"
     )
     errors: list[tuple[str, float]] = []
@@ -182,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         t0 = time.perf_counter()
         rid, published = row["id"], float(row["published_value"])
-        head = f"{rid:<17} {row['metric']:<13} {published:>9.2f}"
+        head = f"{rid:<24} {row['metric']:<13} {published:>9.2f}"
         why = unpriceable_reason(row)
         if why is not None:
             print(f"{head} {'-':>9} {'-':>7}  not priced: {why}")
@@ -191,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             model = build_model(row)
             params = float(sum(p.numel() for p in model.parameters()))
             cluster = load_row_cluster(row)
-            plan = run_search(row, model=model, cluster=cluster, fixed=fixed_knobs(row))
+            plan, relaxed = price_published(row, model=model, cluster=cluster)
         except Exception as e:  # noqa: BLE001 - one bad row must not stop the table
             print(f"{head} {'-':>9} {'-':>7}  ERROR {type(e).__name__}: {e}")
             continue
@@ -219,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  {'':>9} {'':>8}"
         b = plan.predicted.breakdown
         flag = "" if row["certain"] == "yes" else " [uncertain row: not in statistics]"
+        if row["dtype"] != priced_dtype(row):
+            flag += f" [{row['dtype']} run priced in {priced_dtype(row)}]"
+        if relaxed:
+            flag += f" [published {', '.join(relaxed)} not representable: left to the search]"
         print(
             f"{line}  {describe(plan)}{free_txt}{flag}\n"
-            f"{'':<17} step {plan.predicted.step_time_s:.2f} s = compute {b.compute:.2f} + "
+            f"{'':<24} step {plan.predicted.step_time_s:.2f} s = compute {b.compute:.2f} + "
             f"recompute {b.recompute:.2f} + tp {b.tp_comm:.2f} + bubble {b.pp_bubble:.2f} + "
             f"p2p {b.pp_comm:.2f} + dp {b.dp_comm:.2f}; model MFU {plan.predicted.mfu:.1%}; "
             f"{plan.predicted.memory_gib_per_device:.0f} GiB/dev  [{time.perf_counter() - t0:.1f} s]",

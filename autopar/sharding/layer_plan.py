@@ -28,8 +28,14 @@ from typing import Any, Literal
 
 from autopar.graph.opgraph import OpGraph, OpNode
 from autopar.sharding.placements import spec_strings
-from autopar.sharding.problem import BuiltProblem, Pricing, build_problem
-from autopar.sharding.rules import base_name, reshard
+from autopar.sharding.problem import (
+    BuiltProblem,
+    Pricing,
+    _partial_grad_axes,
+    build_problem,
+    edge_collectives,
+)
+from autopar.sharding.rules import base_name, op_dims
 
 __all__ = ["LayerSharding", "CollectiveUse", "solve_layer", "graph_signature"]
 
@@ -230,10 +236,19 @@ def _breakdown(bp: BuiltProblem, choice: tuple[int, ...], pricing: Pricing) -> d
         node_v = bp.nodes[v]
         meta = bp.nodes[v].output if wrap > 0 else node_v.input_metas[in_j]
         grad = _needs_grad(bp, u) and _needs_grad(bp, v)
-        for c in reshard(src, dst, meta, pricing.mesh_shape, requires_grad=grad):
-            t = pricing.collective_s(c.kind, c.nbytes, c.axis)
+        if wrap > 0:
+            partial: frozenset[int] = frozenset()
+        elif bp.problem.follows[v] >= 0 and _is_view(bp, v):
+            partial = frozenset(range(len(pricing.mesh_shape)))
+        else:
+            partial = _partial_grad_axes(sv, in_j)
+        w = bp.edge_weights[e] if e < len(bp.edge_weights) else 1.0
+        for c, t in edge_collectives(
+            src, dst, meta, pricing.mesh_shape, grad=grad, partial_grad_axes=partial,
+            pricing=pricing,
+        ):  # fmt: skip
             uses.append(CollectiveUse(op=node_v.name, kind=c.kind, axis=names[c.axis],
-                                      phase=c.phase, nbytes=c.nbytes, time_s=t))  # fmt: skip
+                                      phase=c.phase, nbytes=c.nbytes * w, time_s=t * w))  # fmt: skip
     for u in uses:
         if u.phase == "fwd":
             cfwd += u.time_s
@@ -254,6 +269,15 @@ def _breakdown(bp: BuiltProblem, choice: tuple[int, ...], pricing: Pricing) -> d
         objective_s=objective,
         collectives=tuple(uses),
     )
+
+
+def _is_view(bp: BuiltProblem, i: int) -> bool:
+    """Is node i a single-input pure view (the edge pricing assumes its consumer's gradient)?"""
+    node = bp.nodes[i]
+    if node.kind != "op" or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return False
+    dims = op_dims(node)
+    return dims is not None and not dims.moves_bytes
 
 
 def _needs_grad(bp: BuiltProblem, i: int) -> bool:

@@ -28,13 +28,20 @@ lists (the indices of one solution can be re-priced with the other).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
 from autopar.graph.opgraph import OpGraph, OpNode, TensorMeta
-from autopar.sharding.placements import Partial, Spec, local_numel_fraction, replicated
+from autopar.sharding.placements import (
+    REPLICATE,
+    Partial,
+    Shard,
+    Spec,
+    local_numel_fraction,
+    replicated,
+)
 from autopar.sharding.rules import (
     Collective,
     OpDims,
@@ -98,6 +105,9 @@ class BuiltProblem:
     activation_bytes: tuple[np.ndarray, ...]
     edge_inputs: tuple[tuple[int, int, int], ...]
     """Per edge: (consumer input index, producer output index, -1 or 1 for a wrap-around)."""
+    edge_weights: tuple[float, ...] = ()
+    """Per edge: the share of its resharding it pays (1/n for n identical views of one tensor,
+    see ``_edge_weight``)."""
     shared: tuple[tuple[str, Collective], ...] = ()
     """Per shared cost of the problem: (producer node name, the one all-reduce it stands for)."""
 
@@ -208,6 +218,8 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         strategies.append(strats)
         follows.append(follow)
 
+    _pin_boundaries(graph, nodes, index, strategies, requires_grad, pricing)
+
     # -- node costs ----------------------------------------------------------------------------
     fwd_c, bwd_c, comm, gsync, pbytes, abytes, costs, mems = [], [], [], [], [], [], [], []
     view_src = [
@@ -268,12 +280,21 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
     mats: list[np.ndarray] = []
     edge_inputs: list[tuple[int, int, int]] = []
     cache: dict[tuple, float] = {}
+    siblings = _view_siblings(nodes, view_src)
+    n_consumers = [0] * len(nodes)
+    for node in nodes:
+        for p in node.inputs:
+            if p in index:
+                n_consumers[index[p]] += 1
+    weights: list[float] = []
 
-    def reshard_s(src: Spec, dst: Spec, meta: TensorMeta, grad: bool) -> float:
-        key = (src, dst, meta.shape, meta.dtype, grad)
+    def reshard_s(src: Spec, dst: Spec, meta: TensorMeta, grad: bool, partial: frozenset) -> float:
+        key = (src, dst, meta.shape, meta.dtype, grad, partial)
         if key not in cache:
-            colls = reshard(src, dst, meta, mesh_shape, requires_grad=grad)
-            cache[key] = sum(pricing.collective_s(c.kind, c.nbytes, c.axis) for c in colls)
+            terms = edge_collectives(
+                src, dst, meta, mesh_shape, grad=grad, partial_grad_axes=partial, pricing=pricing
+            )
+            cache[key] = sum(t for _, t in terms)
         return cache[key]
 
     def add_edge(u: int, v: int, out_k: int, in_j: int, meta: TensorMeta, wrap: bool) -> None:
@@ -281,21 +302,27 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
             st.output_specs[out_k] if out_k < len(st.output_specs) else st.output_specs[0]
             for st in strategies[u]
         ]
+        everything = frozenset(range(nd))
         dst_specs = (
-            [st.output_specs[0] for st in strategies[v]]
+            [(st.output_specs[0], frozenset()) for st in strategies[v]]
             if wrap
-            else [st.input_specs[in_j] for st in strategies[v]]
-        )
+            else [
+                (st.input_specs[in_j], everything if view_src[v] >= 0 else _partial_grad_axes(st, in_j))
+                for st in strategies[v]
+            ]
+        )  # fmt: skip
         grad = requires_grad[u] and requires_grad[v]
         us = {s: n for n, s in enumerate(dict.fromkeys(src_specs))}
         vs = {s: n for n, s in enumerate(dict.fromkeys(dst_specs))}
-        small = np.array([[reshard_s(a, b, meta, grad) for b in vs] for a in us])
+        small = np.array([[reshard_s(a, b, meta, grad, pa) for b, pa in vs] for a in us])
         if not small.any():
             return
-        mat = small[np.ix_([us[s] for s in src_specs], [vs[s] for s in dst_specs])]
+        w = _edge_weight(u, v, siblings, n_consumers)
+        mat = w * small[np.ix_([us[s] for s in src_specs], [vs[s] for s in dst_specs])]
         edges.append((u, v))
         mats.append(mat)
         edge_inputs.append((in_j, out_k, 1 if wrap else -1))
+        weights.append(w)
 
     for v, node in enumerate(nodes):
         if node.kind != "op":
@@ -362,6 +389,7 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         param_bytes=tuple(pbytes),
         activation_bytes=tuple(abytes),
         edge_inputs=tuple(edge_inputs),
+        edge_weights=tuple(weights),
         shared=tuple((nodes[key[0]].name, shared_coll[key]) for key in shared_keys),
     )
 
@@ -473,3 +501,165 @@ def _saved_fraction(
     if not specs:
         return 1.0
     return local_numel_fraction(specs[min(k, len(specs) - 1)], mesh_shape)
+
+
+def canonical_spec(meta: TensorMeta, pricing: Pricing) -> Spec:
+    """The layout activations have between layers: batch split over ``dp``, whole elsewhere."""
+    out = []
+    for name, size in zip(pricing.axis_names, pricing.mesh_shape):
+        b = meta.batch_dim
+        if name == "dp" and size > 1 and b is not None and b < len(meta.shape):
+            out.append(Shard(b) if meta.shape[b] % size == 0 else REPLICATE)
+        else:
+            out.append(REPLICATE)
+    return tuple(out)
+
+
+def _pin_boundaries(
+    graph: OpGraph,
+    nodes: list[OpNode],
+    index: dict[str, int],
+    strategies: list[tuple[Strategy, ...]],
+    requires_grad: list[bool],
+    pricing: Pricing,
+) -> None:
+    """Layers that are not a repeated block meet their neighbours in the canonical layout.
+
+    A block's output feeds the next identical block (the wrap-around edge prices a mismatch).
+    Other layers (embedding, head) would otherwise pick an output layout the next layer never
+    sees as free: the hidden state leaves the embedding split over its hidden dim, say. So when
+    there is no wrap-around, a float graph input arrives in ``canonical_spec`` (the move to the
+    chosen layout is the input's own collectives) and an output that feeds a next layer (same
+    shape as a float input, or no float input at all: the embedding) leaves in it. The model's
+    final output (logits) is left free: the loss reads it where it is (vocabulary-parallel).
+    """
+    acts = [i for i, n in enumerate(nodes) if n.kind == "input" and _is_float(n.output)]
+    outs = [n for n in graph if n.kind == "output"]
+    if _wraps(nodes, index, acts, outs):
+        return
+    shapes = {nodes[i].output.shape for i in acts}
+    for i in acts:
+        meta = nodes[i].output
+        canon = canonical_spec(meta, pricing)
+        strategies[i] = tuple(
+            replace(
+                st,
+                collectives=st.collectives
+                + reshard(canon, st.output_specs[0], meta, pricing.mesh_shape,
+                          requires_grad=requires_grad[i]),
+            )  # fmt: skip
+            for st in strategies[i]
+        )
+    for out in outs:
+        for j, p in enumerate(out.inputs):
+            u = index.get(p, -1)
+            meta = out.input_metas[j] if j < len(out.input_metas) else None
+            if u < 0 or not _is_float(meta) or (acts and meta.shape not in shapes):
+                continue
+            canon = canonical_spec(meta, pricing)
+            k = _output_index(nodes[u], out, j)
+            strategies[u] = tuple(
+                replace(
+                    st,
+                    collectives=st.collectives
+                    + reshard(st.output_specs[min(k, len(st.output_specs) - 1)], canon, meta,
+                              pricing.mesh_shape, requires_grad=requires_grad[u]),
+                )  # fmt: skip
+                for st in strategies[u]
+            )
+
+
+def _wraps(
+    nodes: list[OpNode], index: dict[str, int], acts: list[int], outs: list[OpNode]
+) -> bool:
+    """Does the layer have the wrap-around edge (one float input, an output of its shape)?"""
+    if len(acts) != 1 or not outs:
+        return False
+    shape = nodes[acts[0]].output.shape
+    for p in outs[0].inputs:
+        u = index.get(p, -1)
+        if u >= 0 and nodes[u].output is not None and nodes[u].output.shape == shape:
+            return True
+    return False
+
+
+def _view_siblings(nodes: list[OpNode], view_src: list[int]) -> list[int]:
+    """Per node: how many identical views of the same tensor exist (1 for non-views).
+
+    Tracing gives q, k and v each their own ``view`` of the normalised input. The views follow
+    that tensor, so they always carry the same layout: a gather needed by one is needed by all,
+    and it is one gather of one tensor, not three.
+    """
+    key_of: list[tuple | None] = []
+    counts: dict[tuple, int] = {}
+    for i, n in enumerate(nodes):
+        if view_src[i] < 0 or not n.outputs:
+            key_of.append(None)
+            continue
+        key = (view_src[i], n.op, repr(n.args), n.outputs[0].shape)
+        key_of.append(key)
+        counts[key] = counts.get(key, 0) + 1
+    return [counts[k] if k is not None else 1 for k in key_of]
+
+
+def _edge_weight(u: int, v: int, siblings: list[int], n_consumers: list[int]) -> float:
+    """Share of an edge's resharding it pays: 1/n into (or out of, when the view has a single
+    consumer) one of n identical views of a tensor; 1 otherwise.
+
+    Exact on the edges into the views (they share the producer's layout); out of them it
+    assumes the n consumers want the same layout (q, k and v do), the one approximation here.
+    """
+    if siblings[v] > 1:
+        return 1.0 / siblings[v]
+    if siblings[u] > 1 and n_consumers[u] == 1:
+        return 1.0 / siblings[u]
+    return 1.0
+
+
+def _partial_grad_axes(st: Strategy, operand: int) -> frozenset[int]:
+    """Mesh axes on which strategy ``st`` leaves input ``operand`` a partial gradient."""
+    return frozenset(
+        c.axis
+        for c in st.collectives
+        if c.kind == "all_reduce" and c.phase == "bwd" and c.operand == operand
+    )
+
+
+def edge_collectives(
+    src: Spec,
+    dst: Spec,
+    meta: TensorMeta,
+    mesh_shape: tuple[int, ...],
+    *,
+    grad: bool,
+    partial_grad_axes: frozenset[int],
+    pricing: Pricing,
+) -> list[tuple[Collective, float]]:
+    """The resharding ``src -> dst`` as priced collectives (``rules.reshard``), one adjustment:
+
+    a gather ``Shard -> Replicate`` on an axis where the consumer leaves the tensor a partial
+    gradient (it splits another label there: Megatron's column-parallel input) has, as its
+    backward dual, a reduce-scatter of that gradient, which *replaces* the all-reduce the
+    consumer already pays for it (a shared cost). That is sequence parallelism: all-gather
+    forward, reduce-scatter backward, the same traffic as the all-reduce it stands in for. The
+    replacement is priced as ``reduce_scatter - all_reduce`` (a "bwd" term, never making the
+    edge cost negative). A consumer reached through a view is assumed to leave a partial
+    gradient (views hide their consumer's strategy from the edge).
+    """
+    out: list[tuple[Collective, float]] = []
+    for c in reshard(src, dst, meta, mesh_shape, requires_grad=grad):
+        t = pricing.collective_s(c.kind, c.nbytes, c.axis)
+        out.append((c, t))
+        if (
+            grad
+            and c.kind == "all_gather"
+            and c.phase == "fwd"
+            and c.axis in partial_grad_axes
+            and isinstance(src[c.axis], Shard)
+            and not isinstance(dst[c.axis], Shard)
+        ):
+            rs = pricing.collective_s("reduce_scatter", c.nbytes, c.axis)
+            ar = pricing.collective_s("all_reduce", c.nbytes, c.axis)
+            delta = max(rs - ar, -t)
+            out.append((Collective("reduce_scatter", c.nbytes, c.axis, "bwd"), delta))
+    return out

@@ -522,7 +522,9 @@ class _Context:
             priced = ilp_layer_cost(
                 cost,
                 sharding,
-                params_per_device=_params_per_dp_replica(g, sharding.placements, shape),
+                params_per_device=_params_per_dp_replica(
+                    g, sharding.placements, shape, owned=set(layer.graph_params)
+                ),
             )
             out.append(replace(priced, param_names=rep_params))
         return tuple(out)
@@ -544,26 +546,32 @@ class _Context:
         hit = self.p2p_cache.get(key)
         if hit is None:
             size = shape.dp * shape.tp
-            # the worst boundary: stage 0 -> stage 1 crosses hosts whenever a stage fills one
-            src, dst = 0, size
-            hit = self.collective_time_s("p2p", nbytes, (src, dst), self.cluster)
+            # every boundary is priced on the ranks it joins and the slowest one is kept: with
+            # stages smaller than a host, some boundaries stay inside a host and some cross hosts
+            hit = max(
+                self.collective_time_s("p2p", nbytes, (s * size, (s + 1) * size), self.cluster)
+                for s in range(shape.pp - 1)
+            )
             self.p2p_cache[key] = hit
         return hit
 
 
 def _params_per_dp_replica(
-    g: Any, placements: dict[str, tuple[str, ...]], shape: _Shape
+    g: Any, placements: dict[str, tuple[str, ...]], shape: _Shape, *, owned: set[str]
 ) -> float:
     """Parameters one device holds before ZeRO: split by the non-dp axes of the stage mesh only.
 
     The ILP may store a weight sharded over dp (ZeRO-3-like); the search accounts for that with
-    ``zero = 3`` (which divides by dp itself), so the dp split is left out here.
+    ``zero = 3`` (which divides by dp itself), so the dp split is left out here. A tied weight
+    counts once, with the layer that owns it (as in the analytic pricing).
     """
     from autopar.plan import parse_placement
 
     sizes = (shape.dp, shape.tp)
     total = 0.0
     for fqn, meta in g.params().items():
+        if fqn not in owned:
+            continue
         n = float(meta.numel)
         for axis, text in enumerate(placements.get(fqn, ())):
             if axis == 0:
