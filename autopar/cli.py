@@ -85,12 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run a training script with torchrun sized from a plan")
     la.add_argument("plan", type=Path)
     la.add_argument("--dry-run", action="store_true", help="print the torchrun line only")
-    la.add_argument("script", nargs=argparse.REMAINDER, help="-- train_script.py [args]")
+    la.add_argument("script", nargs="*", help="-- train_script.py [args] (after a literal --)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    if "--" in argv:  # `autopar launch PLAN -- script.py --its-own-flags`: never parsed by us
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if tail:
+        if args.command != "launch":
+            print("autopar: error: '--' is only used by `autopar launch`", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        args.script = [*args.script, *tail]
     try:
         return _COMMANDS[args.command](args)
     except InfeasibleError as e:
@@ -182,8 +192,6 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from autopar.emit.launch import launch
 
     script = list(args.script)
-    if script and script[0] == "--":
-        script = script[1:]
     if not script:
         raise ConfigError("missing the training script: autopar launch PLAN.json -- train.py [args]",
                           field="script")  # fmt: skip

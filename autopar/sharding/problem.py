@@ -288,6 +288,8 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
                 n_consumers[index[p]] += 1
     weights: list[float] = []
 
+    moving: set[tuple] = set()  # resharding that moves data even when its net price is 0
+
     def reshard_s(src: Spec, dst: Spec, meta: TensorMeta, grad: bool, partial: frozenset) -> float:
         key = (src, dst, meta.shape, meta.dtype, grad, partial)
         if key not in cache:
@@ -295,6 +297,8 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
                 src, dst, meta, mesh_shape, grad=grad, partial_grad_axes=partial, pricing=pricing
             )
             cache[key] = sum(t for _, t in terms)
+            if terms:
+                moving.add(key)
         return cache[key]
 
     def add_edge(u: int, v: int, out_k: int, in_j: int, meta: TensorMeta, wrap: bool) -> None:
@@ -315,8 +319,10 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         us = {s: n for n, s in enumerate(dict.fromkeys(src_specs))}
         vs = {s: n for n, s in enumerate(dict.fromkeys(dst_specs))}
         small = np.array([[reshard_s(a, b, meta, grad, pa) for b, pa in vs] for a in us])
-        if not small.any():
-            return
+        if not small.any() and not any(
+            (a, b, meta.shape, meta.dtype, grad, pa) in moving for a in us for b, pa in vs
+        ):
+            return  # no layout pair moves anything: nothing to decide or to report
         w = _edge_weight(u, v, siblings, n_consumers)
         mat = w * small[np.ix_([us[s] for s in src_specs], [vs[s] for s in dst_specs])]
         edges.append((u, v))
@@ -447,7 +453,10 @@ def _owned_saved_tensors(
 
     ``which`` is ``("in", j)`` for its input j, ``("out", k)`` for its output k (a mask sized
     like output 0 counts as output 0), or ``_WHOLE`` for the per-op fallback. A storage saved by
-    several ops (or by ops reading different views of it) is charged to the first one only.
+    several ops (or by ops reading different views of it) is charged once, to the node that
+    produces it (views resolved), at that node's output layout: a tensor gathered for its
+    consumer is kept in the layout it was made in and gathered again for backward, as
+    Megatron-LM's sequence parallelism does (Korthikanti et al.: 34/t·sbh per layer).
     """
     out: list[list[tuple[int | tuple[str, int], float]]] = [[] for _ in nodes]
     if pricing.saved_tensors is None:
@@ -458,11 +467,11 @@ def _owned_saved_tensors(
                     out[i].append((_WHOLE, b))
         return out
 
-    def root(name: str) -> str:
+    def root(name: str) -> int:
         i = index.get(name, -1)
         while i >= 0 and view_src[i] >= 0:
             i = view_src[i]
-        return nodes[i].name if i >= 0 else name
+        return i
 
     seen: set[str] = set()
     for i, node in enumerate(nodes):
@@ -471,17 +480,21 @@ def _owned_saved_tensors(
         for key, nbytes in pricing.saved_tensors(node):
             if nbytes <= 0:
                 continue
+            owner = i
             if key in node.inputs:
-                which: int | tuple[str, int] = ("in", node.inputs.index(key))
+                r = root(key)
+                if r >= 0:  # charged where the tensor is made, in the layout it is made in
+                    owner, storage, which = r, nodes[r].name, ("out", 0)
+                else:
+                    storage, which = key, ("in", node.inputs.index(key))
             elif key.startswith(node.name + ":") and key[len(node.name) + 1 :].isdigit():
-                which = ("out", int(key[len(node.name) + 1 :]))
+                storage, which = key, ("out", int(key[len(node.name) + 1 :]))
             else:
-                which = ("out", 0)  # own output, or a mask shaped like it
-            storage = root(key) if which[0] == "in" else key
+                storage, which = key, ("out", 0)  # own output, or a mask shaped like it
             if storage in seen:
                 continue
             seen.add(storage)
-            out[i].append((which, float(nbytes)))
+            out[owner].append((which, float(nbytes)))
     return out
 
 
