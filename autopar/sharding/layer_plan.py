@@ -54,6 +54,8 @@ class CollectiveUse:
     phase: Literal["fwd", "bwd", "grad_sync"]
     nbytes: float
     time_s: float
+    """Seconds; a backward ``reduce_scatter`` that replaces a partial-gradient all-reduce
+    (sequence parallelism, ``problem.edge_collectives``) carries the (negative) difference."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +112,7 @@ def _make_pricing(
     topology_aware: bool,
     memory_budget_bytes: float | None,
     param_memory_multiplier: float,
+    replicated_param_axes: tuple[str, ...] = (),
 ) -> Pricing:
     from autopar.cost.collectives import mesh_collective_time_s, volume_collective_time_s
     from autopar.cost.compute import compute_time_s
@@ -156,6 +159,7 @@ def _make_pricing(
         grad_sync_weight=grad_sync_weight,
         param_memory_multiplier=param_memory_multiplier,
         memory_budget_bytes=memory_budget_bytes,
+        replicated_param_axes=tuple(i for i, n in enumerate(names) if n in replicated_param_axes),
     )
 
 
@@ -346,6 +350,7 @@ def solve_layer(
     time_limit_s: float = 10.0,
     memory_budget_bytes: float | None = None,
     param_memory_multiplier: float = 1.0,
+    replicated_param_axes: tuple[str, ...] = (),
 ) -> LayerSharding:
     """Choose every op's sharding of ``graph`` on ``mesh`` and price the result.
 
@@ -355,7 +360,8 @@ def solve_layer(
     ranks lie on ``cluster``. ``grad_sync_weight`` (1/microbatches) weighs the once-per-step
     gradient all-reduce against per-microbatch time. ``memory_budget_bytes`` bounds
     ``param_bytes x param_memory_multiplier + activation_bytes`` per device; when no layout fits
-    an InfeasibleError says by how much.
+    an InfeasibleError says by how much. ``replicated_param_axes`` names mesh axes on which
+    parameters must be stored whole: the search passes ``("dp",)`` and applies ZeRO itself.
     """
     from autopar.solver._costing import in_training_dtype
 
@@ -377,6 +383,7 @@ def solve_layer(
         float(time_limit_s),
         memory_budget_bytes,
         float(param_memory_multiplier),
+        tuple(replicated_param_axes),
     )
     was_cached = _solve_cached.cache_info().hits > hits
     names = _name_order(graph)
@@ -411,6 +418,7 @@ def _solve_cached(
     time_limit_s: float,
     memory_budget_bytes: float | None,
     param_memory_multiplier: float,
+    replicated_param_axes: tuple[str, ...],
 ) -> tuple[LayerSharding, tuple[tuple[str, ...], tuple[str, ...]]]:
     from autopar.solver.intra_op import solve_intra_op
 
@@ -424,6 +432,7 @@ def _solve_cached(
         grad_sync_weight=grad_sync_weight,
         memory_budget_bytes=memory_budget_bytes,
         param_memory_multiplier=param_memory_multiplier,
+        replicated_param_axes=replicated_param_axes,
     )
     truth = _make_pricing(topology_aware=True, **kw)
     bp_truth = build_problem(graph, truth)

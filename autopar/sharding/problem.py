@@ -83,6 +83,9 @@ class Pricing:
     param_memory_multiplier: float = 1.0
     """Bytes held per parameter byte (1: weights only; more with grads and optimizer state)."""
     memory_budget_bytes: float | None = None
+    replicated_param_axes: tuple[int, ...] = ()
+    """Mesh axes on which parameters must be stored whole (the search keeps ZeRO-3, i.e. a dp
+    split of the stored weights, to itself)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -176,6 +179,12 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         if node.kind in ("param", "input", "buffer"):
             meta = node.output
             specs = tensor_strategies(meta, mesh_shape) if meta is not None else [replicated(nd)]
+            if node.kind == "param" and pricing.replicated_param_axes:
+                specs = [
+                    sp
+                    for sp in specs
+                    if all(not isinstance(sp[a], Shard) for a in pricing.replicated_param_axes)
+                ]
             strats = tuple(Strategy(",".join(str(p) for p in s), (), (s,), 1, ()) for s in specs)
             if node.kind == "param":
                 params[node.params[0] if node.params else node.name] = i
@@ -558,8 +567,13 @@ def _pin_boundaries(
             replace(
                 st,
                 collectives=st.collectives
-                + reshard(canon, st.output_specs[0], meta, pricing.mesh_shape,
-                          requires_grad=requires_grad[i]),
+                + reshard(
+                    canon,
+                    st.output_specs[0],
+                    meta,
+                    pricing.mesh_shape,
+                    requires_grad=requires_grad[i],
+                ),
             )  # fmt: skip
             for st in strategies[i]
         )
@@ -575,16 +589,19 @@ def _pin_boundaries(
                 replace(
                     st,
                     collectives=st.collectives
-                    + reshard(st.output_specs[min(k, len(st.output_specs) - 1)], canon, meta,
-                              pricing.mesh_shape, requires_grad=requires_grad[u]),
+                    + reshard(
+                        st.output_specs[min(k, len(st.output_specs) - 1)],
+                        canon,
+                        meta,
+                        pricing.mesh_shape,
+                        requires_grad=requires_grad[u],
+                    ),
                 )  # fmt: skip
                 for st in strategies[u]
             )
 
 
-def _wraps(
-    nodes: list[OpNode], index: dict[str, int], acts: list[int], outs: list[OpNode]
-) -> bool:
+def _wraps(nodes: list[OpNode], index: dict[str, int], acts: list[int], outs: list[OpNode]) -> bool:
     """Does the layer have the wrap-around edge (one float input, an output of its shape)?"""
     if len(acts) != 1 or not outs:
         return False

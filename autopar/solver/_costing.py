@@ -431,7 +431,9 @@ def _saved_per_op(
             if src in split_of:
                 split_of[op.name] = split_of[src]
             elif (n := node_of(src)) is not None and n.kind == "param" and n.output is not None:
-                split_of[op.name] = _param_split_dim(n.params[0] if n.params else src, n.output, kind)
+                split_of[op.name] = _param_split_dim(
+                    n.params[0] if n.params else src, n.output, kind
+                )
             continue
         dims = []
         for p in ins:
@@ -487,12 +489,15 @@ def _param_split_dim(fqn: str, meta: Any, kind: str) -> int | None:
     return None
 
 
-def ilp_layer_cost(base: LayerCost, sharding: Any, *, params_per_device: float) -> LayerCost:
+def ilp_layer_cost(
+    base: LayerCost, sharding: Any, *, params_per_device: float, grad_sync_s: float
+) -> LayerCost:
     """A LayerCost whose compute, comm and memory come from the intra-op ILP's LayerSharding.
 
     Forward and backward communication are the ILP's own ``comm_fwd_s`` / ``comm_bwd_s`` (what
     full recompute re-runs is the forward part). ``params_per_device`` is what one device holds
-    before ZeRO (split by tp only; a dp split of the ILP's is ZeRO-3, which the search applies).
+    before ZeRO (split by tp only; a dp split of the ILP's is ZeRO-3, which the search applies);
+    ``grad_sync_s`` the bucketed gradient synchronisation the search prices for it.
     Selective recompute and p2p sizes keep the analytic estimate of ``base``: the ILP does not
     report them.
     """
@@ -502,7 +507,7 @@ def ilp_layer_cost(base: LayerCost, sharding: Any, *, params_per_device: float) 
         bwd_s=float(sharding.bwd_compute_s),
         tp_fwd_s=float(sharding.comm_fwd_s),
         tp_bwd_s=float(sharding.comm_bwd_s),
-        grad_sync_s=float(sharding.grad_sync_s),
+        grad_sync_s=float(grad_sync_s),
         params_per_device=float(params_per_device),
         act_bytes=float(sharding.activation_bytes),
         core_act_bytes=min(base.core_act_bytes, float(sharding.activation_bytes)),
@@ -536,12 +541,12 @@ def in_training_dtype(graph: Any, dtype: str) -> Any:
     if target is None:
         from autopar.errors import ConfigError
 
-        raise ConfigError(f"unknown dtype {dtype!r}", field="dtype", allowed=("bf16", "fp16", "fp32"))
+        raise ConfigError(
+            f"unknown dtype {dtype!r}", field="dtype", allowed=("bf16", "fp16", "fp32")
+        )
     if target == "float32":
         return graph
-    if not any(
-        m.dtype == "float32" for node in graph for m in (*node.outputs, *node.input_metas)
-    ):
+    if not any(m.dtype == "float32" for node in graph for m in (*node.outputs, *node.input_metas)):
         return graph
 
     def conv(m: TensorMeta) -> TensorMeta:

@@ -46,9 +46,16 @@ Search order and pruning
 2. The intra-op ILP (``sharding.layer_plan.solve_layer``) then runs on the distinct layers
    (embedding, one block, head) of the best few (dp, tp, micro-batch) shapes, cached on
    ``(signature, dp, tp, b)``, and those candidates are priced again with its costs and
-   placements. Both the ILP's sharding and Megatron's split are feasible plans for the same
-   candidate, so the cheaper of the two is kept (``solver["ilp_better_than_megatron_split"]``
-   counts how often the ILP won).
+   placements. Both pricers count the same things the same way (tensor-core attention, free
+   views, bytes for elementwise ops, each stored tensor once, the training dtype, bucketed
+   gradient all-reduces; ``tests/solver/test_pricing_agreement.py`` pins a GPT-3 block), so
+   the cheaper of the two is a better plan, not a pricing convention. On a tie (``TIE_RTOL``)
+   the ILP's is kept: its placements are derived from the graph rather than module names.
+   ``solver`` records ``ilp_better_than_megatron_split`` / ``ilp_ties_megatron_split``,
+   ``winner_pricing`` (who priced the winner) and ``placements_from``.
+3. Placements on the ``dp`` axis say how a weight is *stored*: ``"R"`` unless ZeRO-3 (then the
+   FSDP shard dim). The ILP runs with weights stored whole on dp (ZeRO is this search's own
+   dimension); an ILP result that does shard storage over dp is only priced as ZeRO-3.
 
 Which FLOPs the reported throughput counts
 ------------------------------------------
@@ -505,6 +512,9 @@ class _Context:
                     grad_sync_weight=1.0 / max(1, microbatches),
                     topology_aware=True,
                     time_limit_s=time_limit_s,
+                    # ZeRO (incl. stage 3, the dp split of stored weights) is the search's own
+                    # dimension, priced for every candidate; the ILP places compute and tp
+                    replicated_param_axes=("dp",),
                 )
                 self.stats["ilp_solves"] = self.stats.get("ilp_solves", 0) + 1
                 self.stats["ilp_time_s"] = self.stats.get("ilp_time_s", 0.0) + (
@@ -515,19 +525,38 @@ class _Context:
                 self.stats["ilp_max_gap"] = max(
                     self.stats.get("ilp_max_gap", 0.0), float(sharding.gap or 0.0)
                 )
-                hit = (layer.graph_params, sharding)
+                # the layer graph is cached per signature: its FQNs are this (first) layer's
+                per_dev = _params_per_dp_replica(
+                    g, sharding.placements, shape, owned=set(layer.graph_params)
+                )
+                hit = (layer.graph_params, sharding, per_dev)
                 self.ilp_cache[key] = hit
-            rep_params, sharding = hit
-            g = self.layer_at(layer, shape.b * shape.dp)
+            rep_params, sharding, per_dev = hit
             priced = ilp_layer_cost(
                 cost,
                 sharding,
-                params_per_device=_params_per_dp_replica(
-                    g, sharding.placements, shape, owned=set(layer.graph_params)
-                ),
+                params_per_device=per_dev,
+                grad_sync_s=self.bucketed_grad_sync_s(shape, per_dev, sharding),
             )
             out.append(replace(priced, param_names=rep_params))
         return tuple(out)
+
+    def bucketed_grad_sync_s(self, shape: _Shape, params_per_device: float, sharding: Any) -> float:
+        """The ILP layer's gradient synchronisation as DDP runs it: bucketed, one all-reduce of
+        the layer's gradients over dp (the analytic price), plus one over tp for gradients the
+        ILP left partial there (sequence-parallel norms). The ILP itself prices one collective
+        per parameter, where latency dominates for biases and norm weights."""
+        mesh = self.full_mesh(shape)
+        total = 0.0
+        if shape.dp > 1 and params_per_device > 0:
+            nbytes = params_per_device * self.config.dtype_bytes
+            total += self.mesh_collective_time_s("all_reduce", nbytes, mesh, "dp", self.cluster)
+        tp_bytes = sum(
+            c.nbytes for c in sharding.collectives if c.phase == "grad_sync" and c.axis == "tp"
+        )
+        if shape.tp > 1 and tp_bytes > 0:
+            total += self.mesh_collective_time_s("all_reduce", tp_bytes, mesh, "tp", self.cluster)
+        return total
 
     def ilp_if_solved(self, shape: _Shape) -> tuple[LayerCost, ...] | None:
         """The ILP's LayerCosts of ``shape`` if every layer was already solved for it."""
@@ -581,6 +610,16 @@ def _params_per_dp_replica(
                 n /= sizes[axis]
         total += n
     return total
+
+
+def _tp_used_as_data(costs: tuple[LayerCost, ...], shape: _Shape) -> bool:
+    """tp > 1, yet no block weight is split on tp: the tp axis only splits activations."""
+    if shape.tp == 1:
+        return False
+    blocks = [c for c in costs if layer_kind(c.name) == "block"]
+    return bool(blocks) and not any(
+        len(pl) > 1 and pl[1] != "R" for c in blocks for pl in c.placements.values()
+    )
 
 
 def _stores_sharded_on_dp(cost: LayerCost) -> bool:
@@ -1188,6 +1227,14 @@ def search(
         for shape in keys:
             per_call = 10.0 if budget is None else max(0.5, budget / (3 * len(keys)))
             costs = ctx.ilp(shape, time_limit_s=per_call)
+            if _tp_used_as_data(costs, shape):
+                # every weight whole on tp: the ILP split the batch over the tp axis, i.e. the
+                # (dp·tp, tp=1) shape, which is priced on its own; a Plan carries parameter
+                # placements only, so this one could not be applied as priced
+                ctx.stats["ilp_tp_as_data_parallel"] = (
+                    ctx.stats.get("ilp_tp_as_data_parallel", 0) + 1
+                )
+                continue
             local: dict[tuple, _Priced] = {}
 
             def keep_local(p: _Priced, local: dict = local) -> None:
@@ -1195,8 +1242,19 @@ def search(
                 if old is None or p.step_s < old.step_s:
                     local[p.key()] = p
 
-            for job in _price_shape(ctx, shape, costs, source="ilp", keep=keep_local, need=need):
-                _run_dp(ctx, job, keep_local, need)
+            # the ILP's blocks with its own embedding/head, and with Megatron's: each layer meets
+            # its neighbours in the canonical layout, so the two compose, and the ILP's
+            # objective (gradient sync weighted 1/microbatches) cannot see how much of a large
+            # embedding's gradient all-reduce the step leaves exposed
+            mixed = tuple(
+                c if layer_kind(c.name) == "block" else a
+                for c, a in zip(costs, ctx.analytic(shape))
+            )
+            for variant in (costs, mixed) if mixed != costs else (costs,):
+                for job in _price_shape(
+                    ctx, shape, variant, source="ilp", keep=keep_local, need=need
+                ):
+                    _run_dp(ctx, job, keep_local, need)
             refined.extend(local.values())
         if refined:
             # both are feasible shardings of the same candidate: keep the cheaper one. On a tie
@@ -1394,12 +1452,14 @@ def _build_plan(
         )
         for s in range(shape.pp)
     )
-    costs, placements_from = win.costs, win.source
+    costs = win.costs
     if win.source != "ilp":
         ilp_costs = ctx.ilp_if_solved(shape)
         if ilp_costs is not None and _same_tp_placements(ilp_costs, win.costs):
             # the ILP ran for this shape and chose the same split: name it from the graph
-            costs, placements_from = ilp_costs, "ilp"
+            costs = ilp_costs
+    # "ilp", "analytic", or "analytic+ilp" (the ILP's blocks with Megatron's embedding/head)
+    placements_from = "+".join(sorted({c.source for c in costs}))
     placements = _plan_placements(info, costs, zero=win.zero, dp=shape.dp)
     alternatives = []
 
