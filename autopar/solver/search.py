@@ -635,12 +635,20 @@ def _input_bytes(g: Any) -> float:
 
 
 def _output_bytes(g: Any) -> float:
+    """Activation bytes leaving a layer (what the next stage receives).
+
+    A tied weight also "leaves" the embedding layer (the head reads it) but is not sent per
+    microbatch: parameters and buffers are left out, or the embedding's p2p and all-reduce would
+    be priced on a V x h matrix instead of the b x s x h hidden state.
+    """
     total = 0.0
     for node in g:
         if node.kind == "output":
-            total += sum(m.nbytes for m in node.input_metas) or (
-                node.output.nbytes if node.output is not None else 0
-            )
+            total += sum(
+                m.nbytes
+                for src, m in zip(node.inputs, node.input_metas)
+                if src not in g or g.node(src).kind not in ("param", "buffer")
+            ) or (node.output.nbytes if node.output is not None else 0)
     return float(total)
 
 
@@ -1209,6 +1217,16 @@ def search(
         _run_dp(ctx, job, keep, need)
     bar.tick(len(shapes) + 1, len(shapes) + 1, min(ranked) if ranked else math.inf)
 
+    if not best and not need:
+        # Nothing was rejected for memory: the pinned choices cannot be formed at all, and
+        # blaming memory would send the user after the wrong fix.
+        raise ConfigError(
+            f"no plan can be formed with fixed={fixed}: a pinned schedule, microbatch count or "
+            f"chunking does not fit {info.num_blocks} blocks and batch {config.global_batch} "
+            "(interleaved_1f1b needs blocks divisible by pp x chunks; a pipeline needs at least "
+            "as many microbatches as stages)",
+            field="fixed",
+        )
     if not best:
         raise _infeasible(info, cluster, config, fixed, need, capacity)
 
