@@ -612,11 +612,33 @@ def _params_per_dp_replica(
     return total
 
 
-def _tp_used_as_data(costs: tuple[LayerCost, ...], shape: _Shape) -> bool:
-    """tp > 1, yet no block weight is split on tp: the tp axis only splits activations."""
+def _tp_used_as_data(
+    costs: tuple[LayerCost, ...], shape: _Shape, layers: list[_LayerInfo] | None = None
+) -> bool:
+    """tp > 1, yet some block weight matrix is left whole on tp.
+
+    The ILP then splits that op's activations (batch or sequence) over the tp axis. A Plan
+    carries parameter placements only, so the emitter would run the op replicated, at a cost
+    the ILP never priced: such a result is not used. (With every weight whole, the candidate is
+    just the (dp·tp, tp=1) shape, which is priced on its own.)
+    """
     if shape.tp == 1:
         return False
+    matrices: set[str] = set()
+    for layer in layers or ():
+        if layer_kind(layer.name) == "block":
+            metas = layer.graph.params()
+            matrices.update(
+                real for real, own in zip(layer.params, layer.graph_params)
+                if own in metas and len(metas[own].shape) >= 2
+            )  # fmt: skip
     blocks = [c for c in costs if layer_kind(c.name) == "block"]
+    if any(
+        fqn in matrices and len(pl) > 1 and pl[1] == "R"
+        for c in blocks
+        for fqn, pl in c.placements.items()
+    ):
+        return True
     return bool(blocks) and not any(
         len(pl) > 1 and pl[1] != "R" for c in blocks for pl in c.placements.values()
     )
@@ -1245,7 +1267,7 @@ def search(
         for shape in keys:
             per_call = 10.0 if budget is None else max(0.5, budget / (3 * len(keys)))
             costs = ctx.ilp(shape, time_limit_s=per_call)
-            if _tp_used_as_data(costs, shape):
+            if _tp_used_as_data(costs, shape, info.layers):
                 # every weight whole on tp: the ILP split the batch over the tp axis, i.e. the
                 # (dp·tp, tp=1) shape, which is priced on its own; a Plan carries parameter
                 # placements only, so this one could not be applied as priced

@@ -44,7 +44,8 @@ def test_dp_placements_state_how_weights_are_stored(fixed) -> None:
     cluster = load_cluster("dgx-a100", nodes=2)
     cfg = TrainingConfig(global_batch=64, seq_len=512)
     plan = search(_small_gpt(), cluster, cfg, fixed=fixed, progress=False)
-    assert plan.solver["pricing"] == "ilp"
+    # the ILP ran; its result may be set aside when the emitter could not apply it as priced
+    assert plan.solver["ilp_solves"] > 0
     if "zero" in fixed:
         assert plan.zero_stage == fixed["zero"]
     _assert_dp_storage_convention(plan)
