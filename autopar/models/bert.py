@@ -20,8 +20,7 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
-    first_device,
-    first_dtype,
+    token_example_inputs,
 )
 
 __all__ = ["BertConfig", "Bert", "BertBlock", "bert"]
@@ -100,12 +99,8 @@ class Bert(nn.Module):
         return h
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
-        cfg = self.config
-        dev = first_device(self)
-        if self.tok_embed is None:
-            shape = (batch_size, cfg.seq_len, cfg.hidden)
-            return (torch.randn(shape, device=dev, dtype=first_dtype(self)),)
-        return (torch.randint(0, cfg.vocab, (batch_size, cfg.seq_len), device=dev),)
+        """Default inputs on the model's device: tokens, or hidden states for a later stage."""
+        return token_example_inputs(self, batch_size)
 
 
 def bert(

@@ -50,6 +50,17 @@ def first_dtype(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def token_example_inputs(model: nn.Module, batch_size: int) -> tuple[torch.Tensor]:
+    """Default inputs of a token model: tokens, or hidden states for a pipeline stage without
+    ``tok_embed`` (the model's ``config`` gives ``seq_len``, ``hidden`` and ``vocab``)."""
+    cfg = model.config
+    dev = first_device(model)
+    if getattr(model, "tok_embed", None) is None:
+        shape = (batch_size, cfg.seq_len, cfg.hidden)
+        return (torch.randn(shape, device=dev, dtype=first_dtype(model)),)
+    return (torch.randint(0, cfg.vocab, (batch_size, cfg.seq_len), device=dev),)
+
+
 def rotary_tables(
     seq_len: int, head_dim: int, *, theta: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:

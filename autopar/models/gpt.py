@@ -18,8 +18,7 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
-    first_device,
-    first_dtype,
+    token_example_inputs,
 )
 
 __all__ = ["GPTConfig", "GPT", "GPTBlock", "gpt"]
@@ -95,15 +94,7 @@ class GPT(nn.Module):
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
         """Default inputs on the model's device: tokens, or hidden states for a later stage."""
-        cfg = self.config
-        dev = first_device(self)
-        if self.tok_embed is None:
-            return (
-                torch.randn(
-                    batch_size, cfg.seq_len, cfg.hidden, device=dev, dtype=first_dtype(self)
-                ),
-            )
-        return (torch.randint(0, cfg.vocab, (batch_size, cfg.seq_len), device=dev),)
+        return token_example_inputs(self, batch_size)
 
 
 def gpt(

@@ -17,9 +17,8 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
-    first_device,
-    first_dtype,
     rotary_tables,
+    token_example_inputs,
 )
 
 __all__ = ["LlamaConfig", "Llama", "LlamaBlock", "llama"]
@@ -104,12 +103,7 @@ class Llama(nn.Module):
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
         """Default inputs on the model's device: tokens, or hidden states for a later stage."""
-        cfg = self.config
-        dev = first_device(self)
-        if self.tok_embed is None:
-            shape = (batch_size, cfg.seq_len, cfg.hidden)
-            return (torch.randn(shape, device=dev, dtype=first_dtype(self)),)
-        return (torch.randint(0, cfg.vocab, (batch_size, cfg.seq_len), device=dev),)
+        return token_example_inputs(self, batch_size)
 
 
 def llama(

@@ -25,8 +25,7 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
-    first_device,
-    first_dtype,
+    token_example_inputs,
 )
 
 __all__ = ["MoEConfig", "MoE", "MoEBlock", "MoEMLP", "Experts", "moe"]
@@ -160,12 +159,8 @@ class MoE(nn.Module):
         return h
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
-        cfg = self.config
-        dev = first_device(self)
-        if self.tok_embed is None:
-            shape = (batch_size, cfg.seq_len, cfg.hidden)
-            return (torch.randn(shape, device=dev, dtype=first_dtype(self)),)
-        return (torch.randint(0, cfg.vocab, (batch_size, cfg.seq_len), device=dev),)
+        """Default inputs on the model's device: tokens, or hidden states for a later stage."""
+        return token_example_inputs(self, batch_size)
 
 
 def moe(
