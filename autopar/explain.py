@@ -70,6 +70,38 @@ def _is_block(name: str) -> bool:
     return head == "layers" and tail.isdigit()
 
 
+def _stage_lines(plan: Plan) -> list[str]:
+    """One line per pipeline rank group; an interleaved plan lists its chunks on that line."""
+    groups: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
+    for st in plan.stages:
+        groups.setdefault(tuple(st.devices), []).append(tuple(st.layers))
+    lines = []
+    for i, (devices, chunks) in enumerate(groups.items()):
+        if len(chunks) == 1:
+            text = _layer_span(chunks[0])
+        else:
+            sizes = [sum(1 for n in c if _is_block(n)) for c in chunks]
+            spans = [_layer_span(c) for c in chunks]
+            shown = spans if len(spans) <= 4 else [*spans[:2], "...", spans[-1]]
+            text = f"{len(chunks)} chunks of {'/'.join(map(str, sorted(set(sizes))))} blocks: "
+            text += " | ".join(shown)
+        lines.append(f"  {i:>3}  {_device_span(devices):<22} {text}")
+    return lines
+
+
+def _chunk_note(plan: Plan) -> str | None:
+    """Uneven interleaved chunks (blocks not divisible by pp x v) cannot be given as one size."""
+    if plan.virtual_stages <= 1:
+        return None
+    sizes = sorted({sum(1 for n in st.layers if _is_block(n)) for st in plan.stages})
+    if len(sizes) <= 1:
+        return None
+    return (
+        f"the plan's chunks hold {' or '.join(map(str, sizes))} blocks (blocks not divisible by "
+        "pp x chunks); one layers-per-chunk value cannot express that exactly"
+    )
+
+
 def _device_span(devices: tuple[int, ...]) -> str:
     if not devices:
         return "-"
@@ -116,10 +148,11 @@ def render(plan: Plan) -> str:
         f"recompute    {plan.recompute}"
         + ("   sequence parallel: on" if plan.sequence_parallel else ""),
         "",
-        f"stages ({len(plan.stages)}):",
+        f"stages ({plan.parallel.pp}"
+        + (f" x {plan.virtual_stages} chunks" if len(plan.stages) > plan.parallel.pp else "")
+        + "):",
     ]
-    for i, st in enumerate(plan.stages):
-        lines.append(f"  {i:>3}  {_device_span(st.devices):<22} {_layer_span(st.layers)}")
+    lines += _stage_lines(plan)
 
     pred = plan.predicted
     if pred is not None:
@@ -248,8 +281,11 @@ def _emit_torchtitan(plan: Plan) -> str:
             )
         elif plan.virtual_stages > 1:
             blocks = sum(_blocks_per_stage(plan))
-            per = blocks // (p.pp * plan.virtual_stages)
+            per = max(1, round(blocks / (p.pp * plan.virtual_stages)))
             lines.append(f"pipeline_parallel_layers_per_stage = {per}")
+            note = _chunk_note(plan)
+            if note:
+                lines.append(f"# NOTE: {note}")
     elif plan.microbatches > 1:
         lines.append(
             f"# gradient accumulation: {plan.microbatches} microbatches of {plan.micro_batch_size}"
@@ -277,8 +313,11 @@ def _emit_megatron(plan: Plan) -> str:
     notes: list[str] = []
     blocks = _blocks_per_stage(plan)
     if p.pp > 1 and plan.virtual_stages > 1:
-        per = sum(blocks) // (p.pp * plan.virtual_stages)
+        per = max(1, round(sum(blocks) / (p.pp * plan.virtual_stages)))
         args.append(f"--num-layers-per-virtual-pipeline-stage {per}")
+        note = _chunk_note(plan)
+        if note:
+            notes.append(note)
     elif p.pp > 1 and len(set(blocks)) > 1:
         first, last, middle = blocks[0], blocks[-1], blocks[1:-1]
         if len(set(middle)) <= 1:

@@ -97,7 +97,9 @@ def inflight_microbatches(
     Interleaved 1F1B with v chunks per device (Megatron-LM's schedule) warms up with
     ``2·(S - s - 1) + (v - 1)·S + 1`` chunk-microbatches of 1/v of the stage's layers, which is
     ``S · (1 + (S - 1)/(S · v))`` microbatch-equivalents on the first stage (Korthikanti et al.). The return value multiplies a stage's activation bytes
-    of *one* microbatch for all of its layers (all v chunks of a device).
+    of *one* microbatch for all of its layers (all v chunks of a device). Chunks of unequal size
+    (blocks not divisible by S · v; they differ by at most one block) are counted at the device's
+    mean chunk, i.e. the same multiplier on the device's own total.
     """
     s = np.arange(num_stages, dtype=float)
     if schedule == "gpipe":

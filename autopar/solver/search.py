@@ -12,8 +12,18 @@ What is enumerated (each dimension can be pinned with ``fixed=``, Megatron-style
 * ``micro_batch_size`` b: divisors of the per-replica batch ``B / dp`` (up to 64); the number of
   microbatches is ``M = B / (dp · b)``.
 * ``schedule``: 1F1B (stages from the pipeline DP, unequal allowed), interleaved 1F1B with
-  ``v`` model chunks per device (uniform chunks, as Megatron-LM requires), and GPipe only when
-  pinned: GPipe has 1F1B's bubble and holds all M microbatches, so it is dominated.
+  ``v >= 2`` model chunks per device, and GPipe only when pinned: GPipe has 1F1B's bubble and
+  holds all M microbatches, so it is dominated. Interleaving cuts the blocks into ``pp · v``
+  contiguous chunks, chunk c on pipeline rank ``c mod pp`` (Megatron's and
+  ``torch.distributed.pipelining``'s looped placement), for every ``v`` with ``pp · v <=
+  blocks``. The blocks need not divide evenly (``_chunk_sizes``): rank totals and chunk sizes
+  each differ by at most one block, the short ranks are taken from the ends inwards (rank 0,
+  rank pp-1, rank 1, ...), and on the first and last rank the short chunk is the one that also
+  carries the embedding / the logits head. That is Llama 3 405B's layout (126 blocks on
+  pp = 16: first and last stage one block short, arXiv 2407.21783 §3.3.2); when ``pp · v``
+  divides the blocks it is Megatron's equal split. The Plan lists one Stage per chunk
+  (``pp · v`` of them, chunk c on the devices of rank ``c mod pp``), which is what the emitter
+  validates and runs.
 * ``zero`` 0-3 and ``recompute`` none / selective (attention core) / full.
 
 How a candidate is priced
@@ -23,18 +33,21 @@ tensor-parallel communication, what recompute re-runs (full: the forward; select
 attention core), activation bytes kept, gradient synchronisation and ZeRO-3 gathers. A stage's
 latency is the sum over its layers plus the point-to-point send of its output (activation
 forward, gradient backward). The pipeline takes ``Σ t_s + (M - 1) · max t_s`` (GPipe / 1F1B)
-or ``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved). Gradient synchronisation over dp runs
-once per step and overlaps the last microbatch's backward on each stage (DDP buckets); what does
-not fit behind it is exposed. ZeRO-3 gathers weights for every use (forward, backward and the
+or ``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved; ``t_s`` sums all chunks rank s holds,
+so uneven chunks are priced by the slowest rank's own total, and the fill/drain term counts each
+rank's mean chunk ``t_s / v``; with chunks within one block of each other that is off by at
+most about ``pp - 1`` block latencies of fill/drain). Gradient synchronisation over dp runs once
+per step and overlaps the last microbatch's backward on each stage (DDP buckets); what does not
+fit behind it is exposed. ZeRO-3 gathers weights for every use (forward, backward and the
 recomputed forward) and reduce-scatters gradients per microbatch, prefetched behind compute:
 each layer costs ``max(compute, gathers)``. The optimizer update streams weights, gradients and
 optimizer state through HBM once.
 
 Memory per device on the most loaded stage: weights, gradients and optimizer state (divided by
 dp from ZeRO stage 3, 2 and 1 respectively), activations of the microbatches in flight for the
-schedule (``pipeline.inflight_microbatches``) and transients (a recomputed layer's full
-activations; ZeRO-3's gathered weights). A candidate over ``capacity · (1 - headroom)`` is
-dropped, and counted.
+schedule (``pipeline.inflight_microbatches``, applied to the activations of all chunks the rank
+holds) and transients (a recomputed layer's full activations; ZeRO-3's gathered weights). A
+candidate over ``capacity · (1 - headroom)`` is dropped, and counted.
 
 Search order and pruning
 ------------------------
@@ -920,14 +933,56 @@ def _uniform_owner(num_layers: int, blocks: list[int], pp: int) -> np.ndarray | 
     return owner
 
 
-def _interleaved_owner(num_layers: int, blocks: list[int], pp: int, v: int) -> np.ndarray | None:
-    """Megatron's interleaved layout: pp·v equal chunks, chunk c on rank c mod pp."""
-    if pp < 2 or v < 2 or len(blocks) % (pp * v):
+def _ends_inward(n: int) -> list[int]:
+    """0, n-1, 1, n-2, ...: the order in which ranks give up a block."""
+    return list(dict.fromkeys(k for pair in zip(range(n), range(n - 1, -1, -1)) for k in pair))
+
+
+def _chunk_sizes(num_blocks: int, pp: int, v: int) -> list[int] | None:
+    """Blocks in each of the ``pp·v`` interleaved chunks (chunk c on rank c mod pp).
+
+    Two levels, so that both chunks and ranks stay within one block of each other: rank totals
+    are ``⌊blocks / pp⌋`` or one more, the short ranks taken from the ends inwards (rank 0 runs
+    the embedding, rank pp-1 the logits head); each rank's total is then cut into v chunks that
+    differ by at most one, its short chunks first on the first half of the ranks and last on the
+    second half, so the embedding's and the head's chunks are the short ones. Chunk sizes
+    overall differ by at most one (rank totals q and q+1 give chunks of ``⌊q/v⌋`` and
+    ``⌈(q+1)/v⌉ <= ⌊q/v⌋ + 1``). Llama 3: 126 blocks, pp = 16, v = 4 gives chunk 0 and chunk 63
+    one block each and every other chunk two. None when a chunk would be empty.
+    """
+    if pp < 1 or v < 1 or num_blocks < pp * v:
         return None
-    per = len(blocks) // (pp * v)
+    q, extra = divmod(num_blocks, pp)
+    per_rank = [q + 1] * pp if extra else [q] * pp
+    if extra:
+        for r in _ends_inward(pp)[: pp - extra]:
+            per_rank[r] = q
+    sizes = [0] * (pp * v)
+    for r, total in enumerate(per_rank):
+        a, b = divmod(total, v)
+        local = [a] * (v - b) + [a + 1] * b  # short chunks first
+        if 2 * r >= pp:
+            local.reverse()  # second half: short chunks last
+        for k, size in enumerate(local):
+            sizes[k * pp + r] = size
+    return sizes
+
+
+def _interleaved_owner(num_layers: int, blocks: list[int], pp: int, v: int) -> np.ndarray | None:
+    """Interleaved layout: ``pp·v`` contiguous chunks (``_chunk_sizes``), chunk c on rank c mod pp.
+
+    With ``pp·v`` dividing the blocks this is Megatron's equal split.
+    """
+    if pp < 2 or v < 2:
+        return None
+    sizes = _chunk_sizes(len(blocks), pp, v)
+    if sizes is None:
+        return None
     owner = np.zeros(num_layers, dtype=np.int64)
-    for c in range(pp * v):
-        owner[blocks[c * per : (c + 1) * per]] = c % pp
+    k = 0
+    for c, size in enumerate(sizes):
+        owner[blocks[k : k + size]] = c % pp
+        k += size
     owner[: blocks[0]] = 0
     owner[blocks[-1] + 1 :] = pp - 1
     return owner
@@ -1069,10 +1124,8 @@ def _price_shape(
                 if schedule == "interleaved_1f1b":
                     if m % pp:
                         continue  # Megatron's interleaved schedule needs M divisible by pp
-                    per_stage = len(blocks) // pp
-                    vs = _options(
-                        fixed, "virtual_stages", [v for v in _divisors(per_stage) if v > 1]
-                    )
+                    # every v that leaves each of the pp·v chunks at least one block
+                    vs = _options(fixed, "virtual_stages", range(2, len(blocks) // pp + 1))
                     layouts = [(v, _interleaved_owner(n, blocks, pp, v)) for v in vs]
                 else:
                     layouts = [(1, uniform)]
@@ -1245,8 +1298,9 @@ def search(
         raise ConfigError(
             f"no plan can be formed with fixed={fixed}: a pinned schedule, microbatch count or "
             f"chunking does not fit {info.num_blocks} blocks and batch {config.global_batch} "
-            "(interleaved_1f1b needs blocks divisible by pp x chunks; a pipeline needs at least "
-            "as many microbatches as stages)",
+            "(interleaved_1f1b needs at least one block per chunk, i.e. blocks >= pp x chunks "
+            "with chunks >= 2, and microbatches divisible by pp; a pipeline needs at least as "
+            "many microbatches as stages)",
             field="fixed",
         )
     if not best:
@@ -1477,6 +1531,23 @@ def _plan_placements(
     return placements
 
 
+def _plan_stage_layers(owner: np.ndarray, *, pp: int, v: int) -> list[tuple[int, np.ndarray]]:
+    """(pipeline rank, layer indices) of every Plan stage, in stage order.
+
+    One stage per rank, or, interleaved, one per chunk: the maximal runs of consecutive layers
+    on one rank, chunk c on rank c mod pp. The emitter (``autopar.emit.mesh``) expects exactly
+    ``pp · v`` stages laid out that way.
+    """
+    if v <= 1:
+        return [(s, np.nonzero(owner == s)[0]) for s in range(pp)]
+    cuts = np.nonzero(owner[:-1] != owner[1:])[0] + 1
+    runs = np.split(np.arange(len(owner)), cuts)
+    ranks = [int(owner[r[0]]) for r in runs]
+    if len(runs) != pp * v or any(r != c % pp for c, r in enumerate(ranks)):
+        raise RuntimeError(f"interleaved layout is not pp x v = {pp} x {v} looped chunks: {ranks}")
+    return list(zip(ranks, runs))
+
+
 def _build_plan(
     ctx: _Context, win: _Priced, candidates: list[_Priced], stats: dict[str, Any], k: int
 ) -> Plan:
@@ -1487,10 +1558,10 @@ def _build_plan(
     owner = np.asarray(win.stages)
     stages = tuple(
         Stage(
-            layers=tuple(names[i] for i in np.nonzero(owner == s)[0]),
-            devices=tuple(range(s * size, (s + 1) * size)),
+            layers=tuple(names[i] for i in members),
+            devices=tuple(range(rank * size, (rank + 1) * size)),
         )
-        for s in range(shape.pp)
+        for rank, members in _plan_stage_layers(owner, pp=shape.pp, v=win.virtual_stages)
     )
     costs = win.costs
     if win.source != "ilp":

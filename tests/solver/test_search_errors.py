@@ -14,7 +14,9 @@ from autopar.topology.load import load_cluster
 def test_impossible_interleaving_is_a_config_error_not_infeasible():
     model = gpt(layers=6, hidden=256, heads=4, vocab=1000, seq_len=128)
     cluster = load_cluster("dgx-a100", nodes=1)
-    with pytest.raises(ConfigError, match="interleaved_1f1b needs blocks divisible") as info:
+    with pytest.raises(
+        ConfigError, match="interleaved_1f1b needs at least one block per chunk"
+    ) as info:
         search(model, cluster, TrainingConfig(global_batch=64),
                fixed={"pp": 4, "schedule": "interleaved_1f1b"}, progress=False)  # fmt: skip
     assert not isinstance(info.value, InfeasibleError)
