@@ -3,7 +3,9 @@
 The plan imports nothing from the solver: the search fills it in, the CLI renders it, the
 emitter applies it. Mesh convention (the same as torchtitan's): ``mesh.dim_names`` is a subset of
 ``("pp", "dp", "tp")`` in that order, ranks laid out row-major, so ``tp`` is the innermost axis and
-neighbouring ranks share a host. ``stages[i].devices`` are the global ranks of pipeline stage i.
+neighbouring ranks share a host. ``stages[i].devices`` are the global ranks of pipeline stage i;
+an interleaved plan lists one stage per model chunk (``pp * virtual_stages``), chunk c on pipeline
+rank ``c % pp``.
 Placement strings follow DTensor's short form: ``"R"`` replicate, ``"S(d)"`` shard tensor dim d,
 ``"P"`` partial sum; a parameter has one per non-``pp`` mesh axis, in ``dim_names`` order.
 On ``tp`` a placement says how the parameter is split for compute (Megatron column = ``S(0)``,

@@ -113,9 +113,11 @@ def test_pp4_1f1b(tmp_path):
 
 
 def test_pp2_dp2_interleaved_1f1b_two_virtual_stages(tmp_path):
-    stages = [["embed", "layers.0"], ["layers.1"], ["layers.2"], ["layers.3", "head"]]
+    # uneven chunks (1, 2, 2, 1 blocks), as the search emits when blocks % (pp x v) != 0
+    stages = [["embed", "layers.0"], ["layers.1", "layers.2"], ["layers.3", "layers.4"],
+              ["layers.5", "head"]]  # fmt: skip
     plan = make_plan(
-        layers=4,
+        layers=6,
         pp=2,
         dp=2,
         virtual_stages=2,
@@ -125,4 +127,4 @@ def test_pp2_dp2_interleaved_1f1b_two_virtual_stages(tmp_path):
         zero_stage=3,
     )
     # pipeline rank 0 runs stages 0 and 2, rank 1 runs stages 1 and 3 (looped placement)
-    _run(tmp_path, plan, 4, {"stage_blocks": {0: [0, 2], 1: [1, 3]}})
+    _run(tmp_path, plan, 6, {"stage_blocks": {0: [0, 3, 4], 1: [1, 2, 5]}})
