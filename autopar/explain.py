@@ -45,24 +45,24 @@ def _fmt_s(seconds: float) -> str:
 
 
 def _layer_span(layers: tuple[str, ...]) -> str:
-    """Compact summary of a stage's layers: ``embed, layers.0-11`` or, for an interleaved stage
-    holding one block every ``stride``, ``layers.1, 9, ..., 89 (12 chunks, every 8)``."""
-    blocks = [int(n.split(".", 1)[1]) for n in layers if _is_block(n)]
-    strides = {b - a for a, b in zip(blocks, blocks[1:])}
-    if len(blocks) > 3 and len(strides) == 1 and strides != {1}:
-        stride = strides.pop()
-        span = f"layers.{blocks[0]}, {blocks[1]}, ..., {blocks[-1]} ({len(blocks)} chunks, every {stride})"
-    else:
-        runs: list[list[int]] = []
-        for idx in blocks:
+    """Compact summary of a stage's layers: ``embed, layers.0-11`` (runs of blocks joined)."""
+    runs: list[list[int]] = []
+    for name in layers:
+        if _is_block(name):
+            idx = int(name.split(".", 1)[1])
             if runs and idx == runs[-1][-1] + 1:
                 runs[-1].append(idx)
             else:
                 runs.append([idx])
-        span = ", ".join(f"layers.{r[0]}" + (f"-{r[-1]}" if len(r) > 1 else "") for r in runs)
-    before = [n for n in layers if not _is_block(n) and layers.index(n) < len(layers) // 2]
-    after = [n for n in layers if not _is_block(n) and n not in before]
+    span = ", ".join(f"layers.{r[0]}" + (f"-{r[-1]}" if len(r) > 1 else "") for r in runs)
+    first = next((i for i, n in enumerate(layers) if _is_block(n)), len(layers))
+    before = list(layers[:first])
+    after = [n for n in layers[first:] if not _is_block(n)]
     return ", ".join([*before, *([span] if span else []), *after])
+
+
+def _block_count(layers: tuple[str, ...]) -> int:
+    return sum(1 for n in layers if _is_block(n))
 
 
 def _is_block(name: str) -> bool:
@@ -80,7 +80,7 @@ def _stage_lines(plan: Plan) -> list[str]:
         if len(chunks) == 1:
             text = _layer_span(chunks[0])
         else:
-            sizes = [sum(1 for n in c if _is_block(n)) for c in chunks]
+            sizes = [_block_count(c) for c in chunks]
             spans = [_layer_span(c) for c in chunks]
             shown = spans if len(spans) <= 4 else [*spans[:2], "...", spans[-1]]
             text = f"{len(chunks)} chunks of {'/'.join(map(str, sorted(set(sizes))))} blocks: "
@@ -93,7 +93,7 @@ def _chunk_note(plan: Plan) -> str | None:
     """Uneven interleaved chunks (blocks not divisible by pp x v) cannot be given as one size."""
     if plan.virtual_stages <= 1:
         return None
-    sizes = sorted({sum(1 for n in st.layers if _is_block(n)) for st in plan.stages})
+    sizes = sorted(set(_blocks_per_stage(plan)))
     if len(sizes) <= 1:
         return None
     return (
@@ -227,14 +227,14 @@ def _stage_first_blocks(plan: Plan) -> list[str]:
     """The first ``layers.i`` of stages 1..: torchtitan split points, in order."""
     points = []
     for st in plan.stages[1:]:
-        blocks = [n for n in st.layers if n.startswith("layers.")]
+        blocks = [n for n in st.layers if _is_block(n)]
         if blocks:
             points.append(blocks[0])
     return points
 
 
 def _blocks_per_stage(plan: Plan) -> list[int]:
-    return [sum(1 for n in st.layers if n.startswith("layers.")) for st in plan.stages]
+    return [_block_count(st.layers) for st in plan.stages]
 
 
 def _emit_torchtitan(plan: Plan) -> str:

@@ -174,3 +174,33 @@ def test_megatron_flags() -> None:
 def test_unknown_format_names_the_allowed_ones() -> None:
     with pytest.raises(ConfigError, match="torchtitan, megatron"):
         emit(_plan(), "deepspeed")
+
+
+def _interleaved_plan(chunk_sizes: list[int]) -> Plan:
+    """pp=2, one stage per chunk, chunk c on pipeline rank c % 2 (the emitter's layout)."""
+    stages, k = [], 0
+    for c, size in enumerate(chunk_sizes):
+        layers = [f"layers.{i}" for i in range(k, k + size)]
+        k += size
+        if c == 0:
+            layers.insert(0, "embed")
+        if c == len(chunk_sizes) - 1:
+            layers.append("head")
+        devices = tuple(range(8)) if c % 2 == 0 else tuple(range(8, 16))
+        stages.append(Stage(layers=tuple(layers), devices=devices))
+    return _plan(
+        stages=tuple(stages), schedule="interleaved_1f1b", virtual_stages=len(chunk_sizes) // 2
+    )
+
+
+def test_render_groups_interleaved_chunks_per_rank_group() -> None:
+    text = render(_interleaved_plan([1, 2, 2, 1]))
+    assert "stages (2 x 2 chunks):" in text
+    assert "ranks 0-7              2 chunks of 1/2 blocks: embed, layers.0 | layers.3-4" in text
+    assert "ranks 8-15             2 chunks of 1/2 blocks: layers.1-2 | layers.5, head" in text
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "torchtitan"])
+def test_uneven_chunks_are_noted_and_even_ones_are_not(fmt) -> None:
+    assert "chunks hold 1 or 2 blocks" in emit(_interleaved_plan([1, 2, 2, 1]), fmt)
+    assert "chunks hold" not in emit(_interleaved_plan([2, 2, 2, 2]), fmt)
