@@ -50,6 +50,26 @@ def first_dtype(module: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def learned_position_decoder_forward(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """GPT-style forward shared by decoders with learned positions (gpt, moe).
+
+    Each part that is None (or a deleted ``layers`` key) is skipped, so a pipeline stage cut
+    from the model passes hidden states through: the emitter relies on this.
+    """
+    h = tokens
+    if model.tok_embed is not None:
+        h = model.tok_embed(tokens)
+    if model.pos_embed is not None:
+        h = h + model.pos_embed(torch.arange(h.shape[1], device=h.device))
+    for layer in model.layers.values():
+        h = layer(h)
+    if model.norm is not None:
+        h = model.norm(h)
+    if model.lm_head is not None:
+        h = model.lm_head(h)
+    return h
+
+
 def token_example_inputs(model: nn.Module, batch_size: int) -> tuple[torch.Tensor]:
     """Default inputs of a token model: tokens, or hidden states for a pipeline stage without
     ``tok_embed`` (the model's ``config`` gives ``seq_len``, ``hidden`` and ``vocab``)."""

@@ -18,6 +18,7 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
+    learned_position_decoder_forward,
     token_example_inputs,
 )
 
@@ -78,19 +79,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_embed.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = tokens
-        if self.tok_embed is not None:
-            h = self.tok_embed(tokens)
-        if self.pos_embed is not None:
-            pos = torch.arange(h.shape[1], device=h.device)
-            h = h + self.pos_embed(pos)
-        for layer in self.layers.values():
-            h = layer(h)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.lm_head is not None:
-            h = self.lm_head(h)
-        return h
+        return learned_position_decoder_forward(self, tokens)
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
         """Default inputs on the model's device: tokens, or hidden states for a later stage."""

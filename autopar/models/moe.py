@@ -25,6 +25,7 @@ from autopar.models.blocks import (
     check_divisible,
     check_positive,
     construct,
+    learned_position_decoder_forward,
     token_example_inputs,
 )
 
@@ -145,18 +146,7 @@ class MoE(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = tokens
-        if self.tok_embed is not None:
-            h = self.tok_embed(tokens)
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(torch.arange(h.shape[1], device=h.device))
-        for layer in self.layers.values():
-            h = layer(h)
-        if self.norm is not None:
-            h = self.norm(h)
-        if self.lm_head is not None:
-            h = self.lm_head(h)
-        return h
+        return learned_position_decoder_forward(self, tokens)
 
     def example_inputs(self, batch_size: int = 1) -> tuple[torch.Tensor]:
         """Default inputs on the model's device: tokens, or hidden states for a later stage."""
