@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from autopar.cost.profiles import DTYPE_ALIASES
 from autopar.graph.opgraph import OpGraph, OpNode
 from autopar.sharding.placements import spec_strings
 from autopar.sharding.problem import (
@@ -38,9 +39,6 @@ from autopar.sharding.problem import (
 from autopar.sharding.rules import base_name, op_dims
 
 __all__ = ["LayerSharding", "CollectiveUse", "solve_layer", "graph_signature"]
-
-_DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
-                "fp32": "fp32", "float32": "fp32"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,7 +119,7 @@ def _make_pricing(
     names = tuple(str(n) for n in mesh.dim_names)
     shape = tuple(int(s) for s in mesh.shape)
     device = cluster.device
-    dt = _DTYPE_NAMES.get(dtype, dtype)
+    dt = DTYPE_ALIASES.get(dtype, dtype)
 
     if topology_aware:
 

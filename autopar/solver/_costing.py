@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from autopar.config import DTYPE_BYTES
+
 __all__ = [
     "LayerCost",
     "analytic_layer_cost",
@@ -276,7 +278,7 @@ def analytic_layer_cost(
         per_dev += n
         placements[fqn] = ("R", f"S({split_dim})" if split_dim is not None and tp > 1 else "R")
     grad_bytes = per_dev * grad_bytes_per_param
-    w_bytes = per_dev * _DTYPE_BYTES.get(dtype, 2)
+    w_bytes = per_dev * DTYPE_BYTES[dtype]
     grad_sync = gather = reduce = 0.0
     if dp > 1 and per_dev > 0:
         grad_sync = mesh_collective_time_s("all_reduce", grad_bytes, full_mesh, "dp", cluster)
@@ -469,7 +471,6 @@ def _saved_per_op(
 
 
 _LINEAR_OPS = frozenset({"aten.mm.default", "aten.addmm.default", "aten.linear.default"})
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def _param_split_dim(fqn: str, meta: Any, kind: str) -> int | None:

@@ -90,6 +90,7 @@ from typing import Any
 import numpy as np
 
 from autopar.config import TrainingConfig
+from autopar.cost.memory import model_state_breakdown
 from autopar.errors import ConfigError, InfeasibleError
 from autopar.plan import (
     Alternative,
@@ -787,6 +788,10 @@ def _vectors(ctx: _Context, b: _Base, dp: int, recompute: str, zero: int) -> _Ve
         sync = np.zeros_like(base)
     else:
         lat, hidden, sync = base, np.zeros_like(base), b.grad_sync
+    # bytes per parameter of weights / grads / optimizer state after ZeRO (linear in the count)
+    state = model_state_breakdown(
+        num_params=1.0, dtype=cfg.dtype, optimizer=cfg.optimizer, zero_stage=zero, dp=dp
+    )
     return _Vectors(
         lat=lat,
         hidden_zero3=hidden,
@@ -798,9 +803,9 @@ def _vectors(ctx: _Context, b: _Base, dp: int, recompute: str, zero: int) -> _Ve
         grad_sync=sync,
         saved=saved,
         transient=trans,
-        weights=b.params * cfg.dtype_bytes / (dp if zero >= 3 else 1),
-        grads=b.params * cfg.dtype_bytes / (dp if zero >= 2 else 1),
-        optimizer=b.params * cfg.optimizer_state_bytes / (dp if zero >= 1 else 1),
+        weights=b.params * state.weights,
+        grads=b.params * state.grads,
+        optimizer=b.params * state.optimizer,
         params=b.params,
         p2p=b.p2p,
     )
