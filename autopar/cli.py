@@ -126,8 +126,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     cluster = load_cluster(args.cluster, nodes=args.nodes)
     model = parse_model_spec(_with_seq_len(args.model, args.seq))
+    batch = {} if args.global_batch is None else {"global_batch": args.global_batch}
     config = TrainingConfig(
-        global_batch=args.global_batch if args.global_batch is not None else 512,
+        **batch,  # unset: TrainingConfig's own default
         seq_len=args.seq,
         dtype=args.dtype,
         optimizer=args.optimizer,
@@ -204,9 +205,8 @@ def _with_seq_len(spec: str, seq: int | None) -> str:
 
     if seq is None:
         return spec
-    if spec in PRESETS:
-        family, kwargs = PRESETS[spec]
-        return f"{family}:" + ",".join(f"{k}={v}" for k, v in {**kwargs, "seq_len": seq}.items())
+    if spec in PRESETS:  # a preset takes overrides after a colon: gpt3-175b:seq_len=4096
+        return f"{spec}:seq_len={seq}"
     if ":" in spec and "=" in spec.split(":", 1)[1]:
         return f"{spec},seq_len={seq}"
     return spec

@@ -112,3 +112,12 @@ def test_launch_dry_run_prints_torchrun_line(saved_plan):
     assert run.returncode == 0, run.stderr
     assert "torch.distributed.run" in run.stdout and "--nproc-per-node" in run.stdout
     assert "train.py --steps 3" in run.stdout
+
+
+@pytest.mark.parametrize("model", ["gpt3-125m", SMALL])
+def test_seq_rebuilds_zoo_and_family_models_at_that_length(model):
+    from autopar.cli import _with_seq_len
+    from autopar.models import parse_model_spec
+
+    assert parse_model_spec(_with_seq_len(model, 64)).config.seq_len == 64
+    assert parse_model_spec(_with_seq_len(model, None)).config.seq_len != 64
