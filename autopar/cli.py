@@ -11,7 +11,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from autopar.config import STACKS
 from autopar.errors import AutoparError, ConfigError, InfeasibleError
+from autopar.export import EXPORT_FORMATS
 
 __all__ = ["main", "build_parser"]
 
@@ -46,11 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "sgd_momentum"), default="adam")
+    stack = p.add_argument_group("software stack the plan is priced for")
+    stack.add_argument("--stack", choices=tuple(STACKS), default=None,
+                       help="preset setting the three flags below (each has a source)")  # fmt: skip
+    stack.add_argument("--attention", choices=("flash", "unfused"), default=None,
+                       help="attention kernel (default flash)")  # fmt: skip
+    stack.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default=None,
+                       help="sequence parallelism with tp (default auto: searched)")  # fmt: skip
+    stack.add_argument("--overlap-grad-reduce", choices=("on", "off"), default=None,
+                       help="data-parallel gradient reduction overlapped with backward "
+                       "(default on)")  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     p.add_argument("--time-limit", type=float, default=None, help="search time budget, seconds")
-    p.add_argument("--emit", choices=("torchtitan", "megatron"), default=None,
-                   help="print the plan as that framework's configuration")  # fmt: skip
+    p.add_argument("--emit", choices=EXPORT_FORMATS, default=None,
+                   help="print the plan as that framework's launch command and config")  # fmt: skip
     fixed = p.add_argument_group("fix part of the plan (price your current setup)")
     fixed.add_argument("--dp", type=int, default=None, help="data-parallel degree")
     fixed.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
@@ -66,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="re-render a saved plan")
     e.add_argument("plan", type=Path, help="plan JSON written by `autopar plan --json`")
-    e.add_argument("--emit", choices=("torchtitan", "megatron"), default=None)
+    e.add_argument("--emit", choices=EXPORT_FORMATS, default=None)
 
     sub.add_parser("models", help="list the built-in models with parameter counts")
 
@@ -77,8 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--nodes", type=int, default=None)
     tsub.add_parser("list", help="list the shipped topologies")
 
-    c = sub.add_parser("calibrate", help="measure collectives here and write a fitted profile")
+    c = sub.add_parser(
+        "calibrate", help="measure collectives (or, with --compute, kernels) and write a profile"
+    )
     c.add_argument("--output", type=Path, default=None, help="profile YAML to write")
+    c.add_argument("--compute", action="store_true",
+                   help="time GEMMs, attention and memory-bound kernels on this device and fit "
+                   "its compute profile instead of the network")  # fmt: skip
+    c.add_argument("--device", default=None,
+                   help="torch device for --compute (default: cuda if present, else cpu)")  # fmt: skip
     c.add_argument("--max-bytes", type=int, default=1 << 24, help="largest message size")
     c.add_argument("--repeats", type=int, default=5, help="timed repetitions per size")
 
@@ -119,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autopar.config import TrainingConfig
-    from autopar.explain import emit, render
+    from autopar.explain import render
+    from autopar.export import export_plan
     from autopar.models import parse_model_spec
     from autopar.solver.search import search
     from autopar.topology.load import load_cluster
@@ -127,11 +147,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster, nodes=args.nodes)
     model = parse_model_spec(_with_seq_len(args.model, args.seq))
     batch = {} if args.global_batch is None else {"global_batch": args.global_batch}
+    overlap = None if args.overlap_grad_reduce is None else args.overlap_grad_reduce == "on"
     config = TrainingConfig(
         **batch,  # unset: TrainingConfig's own default
         seq_len=args.seq,
         dtype=args.dtype,
         optimizer=args.optimizer,
+        stack=args.stack,
+        attention=args.attention,
+        sequence_parallel=args.sequence_parallel,
+        overlap_grad_reduce=overlap,
     )
     fixed = {k: getattr(args, k) for k in FIXED_FLAGS if getattr(args, k) is not None}
     plan = search(
@@ -142,8 +167,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         top_k=args.top,
         time_limit_s=args.time_limit,
         progress=not args.quiet,
+        model_spec=_with_seq_len(args.model, args.seq),
     )
-    print(emit(plan, args.emit) if args.emit else render(plan))
+    print(export_plan(plan, args.emit) if args.emit else render(plan))
     if args.json is not None:
         plan.to_json(args.json)
         print(f"\nplan written to {args.json}", file=sys.stderr)
@@ -151,11 +177,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from autopar.explain import emit, render
+    from autopar.explain import render
+    from autopar.export import export_plan
     from autopar.plan import Plan
 
     plan = Plan.from_json(args.plan)
-    print(emit(plan, args.emit) if args.emit else render(plan))
+    print(export_plan(plan, args.emit) if args.emit else render(plan))
     return EXIT_OK
 
 
@@ -179,13 +206,17 @@ def _cmd_topology(args: argparse.Namespace) -> int:
         for name in shipped_topologies():
             print(name)
         return EXIT_OK
-    print(load_cluster(args.name, nodes=args.nodes).describe())
+    from autopar.cost.describe import describe_cluster
+
+    print(describe_cluster(load_cluster(args.name, nodes=args.nodes)))
     return EXIT_OK
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from autopar.cost.calibrate import calibrate_main
+    from autopar.cost.calibrate import calibrate_compute_main, calibrate_main
 
+    if args.compute:
+        return calibrate_compute_main(args.output, args.device, args.repeats)
     return calibrate_main(output=args.output, max_bytes=args.max_bytes, repeats=args.repeats)
 
 

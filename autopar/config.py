@@ -7,10 +7,50 @@ from typing import Literal, get_args
 
 from autopar.errors import ConfigError
 
-__all__ = ["TrainingConfig", "Dtype", "Optimizer", "DTYPE_BYTES", "OPTIMIZER_STATE_BYTES"]
+__all__ = [
+    "TrainingConfig",
+    "Dtype",
+    "Optimizer",
+    "Attention",
+    "SequenceParallel",
+    "STACKS",
+    "DTYPE_BYTES",
+    "OPTIMIZER_STATE_BYTES",
+]
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adam", "adamw", "sgd", "sgd_momentum"]
+Attention = Literal["flash", "unfused"]
+SequenceParallel = Literal["auto", "on", "off"]
+
+#: Software stacks a plan can be priced for: what each sets, and where that comes from.
+STACKS: dict[str, dict[str, object]] = {
+    "megatron-2021": {
+        "attention": "unfused",
+        "sequence_parallel": "off",
+        "overlap_grad_reduce": False,
+        "source": "Megatron-LM as measured in Narayanan et al., SC21 (arXiv 2104.04473): "
+        "attention materialises the score tensor (fused scale-mask-softmax kernel, no "
+        "FlashAttention), no sequence parallelism (added in 2022), data-parallel gradient "
+        "all-reduce after the pipeline flush",
+    },
+    "megatron-core": {
+        "attention": "flash",
+        "sequence_parallel": "on",
+        "overlap_grad_reduce": True,
+        "source": "Megatron-Core (NVIDIA/Megatron-LM core_v0.x): Transformer Engine fused "
+        "attention, --sequence-parallel with tensor parallelism, --overlap-grad-reduce "
+        "--overlap-param-gather with --use-distributed-optimizer",
+    },
+    "torchtitan": {
+        "attention": "flash",
+        "sequence_parallel": "on",
+        "overlap_grad_reduce": True,
+        "source": "torchtitan 0.3 (pytorch/torchtitan): F.scaled_dot_product_attention "
+        "(flash / cuDNN kernels), sequence parallel applied with tensor parallel, FSDP2 "
+        "reduce-scatter overlapped with backward",
+    },
+}
 
 #: bytes per element of each training dtype
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -43,6 +83,16 @@ class TrainingConfig:
     """Optimizer whose state is kept per parameter (adam: 12 bytes/param under mixed precision)."""
     memory_headroom: float = 0.1
     """Fraction of device memory kept free for the allocator, workspaces and fragmentation."""
+    stack: str | None = None
+    """A software-stack preset (``STACKS``) setting the three fields below together; a field
+    given explicitly wins over the preset."""
+    attention: Attention | None = None
+    """How attention runs: ``flash`` (fused kernel, the default) or ``unfused`` (scores
+    materialised in memory)."""
+    sequence_parallel: SequenceParallel | None = None
+    """``auto`` (searched, the default), ``on`` or ``off``."""
+    overlap_grad_reduce: bool | None = None
+    """Data-parallel gradient reduction overlapped with backward (default on)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.global_batch, int) or self.global_batch < 1:
@@ -65,6 +115,47 @@ class TrainingConfig:
             raise ConfigError(
                 f"must be in [0, 1), got {self.memory_headroom!r}", field="memory_headroom"
             )
+        if self.stack is not None and self.stack not in STACKS:
+            raise ConfigError(f"unknown stack {self.stack!r}", field="stack", allowed=tuple(STACKS))
+        if self.attention is not None and self.attention not in get_args(Attention):
+            raise ConfigError(
+                f"unknown attention {self.attention!r}",
+                field="attention",
+                allowed=get_args(Attention),
+            )
+        if self.sequence_parallel is not None and self.sequence_parallel not in get_args(
+            SequenceParallel
+        ):
+            raise ConfigError(
+                f"unknown sequence_parallel {self.sequence_parallel!r}",
+                field="sequence_parallel",
+                allowed=get_args(SequenceParallel),
+            )
+        if self.overlap_grad_reduce is not None and not isinstance(self.overlap_grad_reduce, bool):
+            raise ConfigError("must be true or false", field="overlap_grad_reduce")
+
+    def _stacked(self, key: str, default: object) -> object:
+        own = getattr(self, key)
+        if own is not None:
+            return own
+        if self.stack is not None:
+            return STACKS[self.stack][key]
+        return default
+
+    @property
+    def attention_kernel(self) -> str:
+        """``flash`` or ``unfused``, after the stack preset."""
+        return str(self._stacked("attention", "flash"))
+
+    @property
+    def sequence_parallel_mode(self) -> str:
+        """``auto``, ``on`` or ``off``, after the stack preset."""
+        return str(self._stacked("sequence_parallel", "auto"))
+
+    @property
+    def overlaps_grad_reduce(self) -> bool:
+        """Whether dp gradient reduction overlaps backward, after the stack preset."""
+        return bool(self._stacked("overlap_grad_reduce", True))
 
     @property
     def dtype_bytes(self) -> int:

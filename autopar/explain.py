@@ -25,9 +25,9 @@ Megatron-LM ``megatron/training/arguments.py``):
 from __future__ import annotations
 
 from autopar.errors import ConfigError
-from autopar.plan import Alternative, Plan
+from autopar.plan import Alternative, Plan, TimeBreakdown
 
-__all__ = ["render", "emit", "EMIT_FORMATS"]
+__all__ = ["render", "emit", "EMIT_FORMATS", "why", "host_mapping"]
 
 GiB = 1024**3
 EMIT_FORMATS = ("torchtitan", "megatron")
@@ -44,44 +44,98 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us"
 
 
-def _layer_span(layers: tuple[str, ...]) -> str:
+TERM_WORDS = {
+    "compute": "compute",
+    "recompute": "recompute",
+    "tp_comm": "tensor-parallel comm",
+    "pp_bubble": "pipeline bubble",
+    "pp_comm": "pipeline p2p",
+    "dp_comm": "data-parallel comm",
+}
+
+
+def why(alt: Alternative, win_step_s: float, win: TimeBreakdown) -> str:
+    """Why a runner-up lost: its extra time and the term that grew most."""
+    terms = {t: getattr(alt.breakdown, t) - getattr(win, t) for t in TERM_WORDS}
+    term, delta = max(terms.items(), key=lambda kv: kv[1])
+    gap = alt.step_time_s - win_step_s
+    if abs(gap) <= 1e-9 * max(1.0, win_step_s):
+        return "ties on time"
+    return (
+        f"+{_fmt_gap(gap)} ({100 * gap / win_step_s:.1f}%), most on {TERM_WORDS[term]} "
+        f"(+{_fmt_gap(delta)})"
+    )
+
+
+def _fmt_gap(s: float) -> str:
+    return _fmt_s(s)
+
+
+def host_mapping(plan: Plan) -> str:
+    """Which mesh axis stays inside a host and which crosses hosts (tp innermost)."""
+    info = plan.cluster_info
+    if info is None:
+        return ""
+    per_host = max(1, info.devices_per_host)
+    parts = []
+    inner = 1
+    for name in ("tp", "dp", "pp"):
+        deg = plan.mesh.degree(name)
+        if deg == 1:
+            continue
+        lo, hi = inner, inner * deg
+        if hi <= per_host:
+            parts.append(f"{name}={deg} inside a host")
+        elif lo >= per_host:
+            parts.append(f"{name}={deg} across hosts")
+        else:
+            parts.append(f"{name}={deg} spans {hi // per_host} hosts ({per_host // lo} per host)")
+        inner = hi
+    body = ", ".join(parts) if parts else "single device"
+    return f"{body} ({per_host} devices per host, tp innermost)"
+
+
+def _layer_span(layers: tuple[str, ...], kinds: dict[str, str]) -> str:
     """Compact summary of a stage's layers: ``embed, layers.0-11`` (runs of blocks joined)."""
-    runs: list[list[int]] = []
+    runs: list[list[tuple[str, int]]] = []
     for name in layers:
-        if _is_block(name):
-            idx = int(name.split(".", 1)[1])
-            if runs and idx == runs[-1][-1] + 1:
-                runs[-1].append(idx)
+        if kinds.get(name) == "block":
+            prefix, _, idx = name.rpartition(".")
+            num = int(idx) if idx.isdigit() else -1
+            if runs and runs[-1][-1][0] == prefix and num == runs[-1][-1][1] + 1 and num >= 0:
+                runs[-1].append((prefix, num))
             else:
-                runs.append([idx])
-    span = ", ".join(f"layers.{r[0]}" + (f"-{r[-1]}" if len(r) > 1 else "") for r in runs)
-    first = next((i for i, n in enumerate(layers) if _is_block(n)), len(layers))
+                runs.append([(prefix, num)])
+
+    def label(run: list[tuple[str, int]]) -> str:
+        (p0, a), (_, b) = run[0], run[-1]
+        first = f"{p0}.{a}" if p0 else str(a)
+        return first + (f"-{b}" if len(run) > 1 else "")
+
+    span = ", ".join(label(r) for r in runs)
+    first = next((i for i, n in enumerate(layers) if kinds.get(n) == "block"), len(layers))
     before = list(layers[:first])
-    after = [n for n in layers[first:] if not _is_block(n)]
+    after = [n for n in layers[first:] if kinds.get(n) != "block"]
     return ", ".join([*before, *([span] if span else []), *after])
 
 
-def _block_count(layers: tuple[str, ...]) -> int:
-    return sum(1 for n in layers if _is_block(n))
-
-
-def _is_block(name: str) -> bool:
-    head, _, tail = name.partition(".")
-    return head == "layers" and tail.isdigit()
+def _block_count(layers: tuple[str, ...], kinds: dict[str, str]) -> int:
+    return sum(1 for n in layers if kinds.get(n) == "block")
 
 
 def _stage_lines(plan: Plan) -> list[str]:
     """One line per pipeline rank group; an interleaved plan lists its chunks on that line."""
+    kinds = plan.layer_kinds
     groups: dict[tuple[int, ...], list[tuple[str, ...]]] = {}
     for st in plan.stages:
         groups.setdefault(tuple(st.devices), []).append(tuple(st.layers))
     lines = []
     for i, (devices, chunks) in enumerate(groups.items()):
         if len(chunks) == 1:
-            text = _layer_span(chunks[0])
+            text = _layer_span(chunks[0], kinds)
         else:
-            sizes = [_block_count(c) for c in chunks]
-            spans = [_layer_span(c) for c in chunks]
+            sizes = [_block_count(c, kinds) for c in chunks]
+            spans = [_layer_span(c, kinds) for c in chunks]
             shown = spans if len(spans) <= 4 else [*spans[:2], "...", spans[-1]]
             text = f"{len(chunks)} chunks of {'/'.join(map(str, sorted(set(sizes))))} blocks: "
             text += " | ".join(shown)
@@ -111,13 +165,22 @@ def _device_span(devices: tuple[int, ...]) -> str:
     return f"ranks {shown}{',...' if len(devices) > 8 else ''} ({len(devices)})"
 
 
-def _alt_row(a: Alternative) -> str:
+def _alt_row(a: Alternative, plan: Plan) -> str:
     p = a.parallel
+    pred = plan.predicted
+    reason = why(a, pred.step_time_s, pred.breakdown) if pred is not None else ""
     return (
         f"  {p.dp:>4} {p.tp:>3} {p.pp:>3}  {a.micro_batch_size:>3} {a.microbatches:>5}  "
-        f"{a.schedule:<16} {a.zero_stage:>4}  {a.recompute:<9} {_fmt_s(a.step_time_s):>10}  "
-        f"{a.memory_gib_per_device:>6.1f}  {a.why}"
+        f"{a.schedule:<16} {a.zero_stage:>4}  {a.recompute:<9} {'on ' if a.sequence_parallel else 'off'}"
+        f" {_fmt_s(a.step_time_s):>10}  {a.memory_gib_per_device:>6.1f}  {reason}"
     )
+
+
+def _gap_note(plan: Plan) -> str:
+    gap = plan.solver.get("gap") if plan.solver else None
+    if plan.solver.get("stopped_early") and isinstance(gap, int | float):
+        return f"   (search stopped at its time limit: within {gap:.0%} of the best possible)"
+    return ""
 
 
 LANDSCAPE_ROWS = 12
@@ -127,17 +190,29 @@ LANDSCAPE_ROWS = 12
 def render(plan: Plan) -> str:
     """The plan as the CLI prints it: what was chosen, what it costs, and what it beat."""
     p = plan.parallel
+    unit = "sequences" if plan.seq_len else "samples"
+    shape = (
+        f"batch {plan.global_batch} x seq {plan.seq_len}"
+        if plan.seq_len
+        else (f"batch {plan.global_batch}")
+    )
+    stack = plan.stack
+    stack_txt = (f"stack {stack.name}: " if stack.name else "stack: ") + (
+        f"{stack.attention} attention, sequence parallel {stack.sequence_parallel}, "
+        f"grad reduce {'overlapped' if stack.overlap_grad_reduce else 'not overlapped'}"
+    )
     lines = [
         f"autopar plan for {plan.model} on {plan.cluster} ({plan.num_devices} devices)",
-        f"  batch {plan.global_batch} x seq {plan.seq_len}, {plan.dtype}",
+        f"  {shape}, {plan.dtype}, {plan.optimizer}; {stack_txt}",
         "",
         f"parallelism  dp={p.dp} tp={p.tp} pp={p.pp}",
         f"mesh         {tuple(plan.mesh.shape)} over {tuple(plan.mesh.dim_names)}",
     ]
-    if plan.mesh.host_mapping:
-        lines.append(f"host mapping {plan.mesh.host_mapping}")
+    mapping = host_mapping(plan)
+    if mapping:
+        lines.append(f"host mapping {mapping}")
     lines.append(
-        f"microbatches {plan.microbatches} x {plan.micro_batch_size} sequences per data-parallel rank"
+        f"microbatches {plan.microbatches} x {plan.micro_batch_size} {unit} per data-parallel rank"
     )
     sched = plan.schedule
     if plan.virtual_stages > 1:
@@ -161,8 +236,12 @@ def render(plan: Plan) -> str:
         lines += [
             "",
             "predicted:",
-            f"  step time        {_fmt_s(pred.step_time_s)}",
-            f"  tokens/s         {pred.tokens_per_s:,.0f}",
+            f"  step time        {_fmt_s(pred.step_time_s)}{_gap_note(plan)}",
+            (
+                f"  tokens/s         {pred.tokens_per_s:,.0f}"
+                if plan.seq_len
+                else f"  samples/s        {pred.tokens_per_s:,.0f}"
+            ),
             f"  TFLOP/s/device   {pred.tflops_per_device:.1f}   (model FLOPs, recompute not counted)",
             f"  MFU              {pred.mfu * 100:.1f}%",
             f"  memory/device    {pred.memory_gib_per_device:.1f} GiB of {cap:.1f} GiB usable",
@@ -194,15 +273,25 @@ def render(plan: Plan) -> str:
         lines += [
             "",
             "runners-up (why they lost):",
-            "    dp  tp  pp  mbs   #mb  schedule         ZeRO  recompute       step  GiB/dev",
+            "    dp  tp  pp  mbs   #mb  schedule         ZeRO  recompute  sp        step  GiB/dev",
         ]
-        lines += [_alt_row(a) for a in plan.alternatives]
+        lines += [_alt_row(a, plan) for a in plan.alternatives]
     if plan.landscape:
         lines += ["", "best per (dp, tp, pp):"]
         ranked = sorted(plan.landscape, key=lambda a: a.step_time_s)
+        win = plan.predicted
         lines += [
             f"  dp={a.parallel.dp:<4} tp={a.parallel.tp:<2} pp={a.parallel.pp:<3} "
-            f"{_fmt_s(a.step_time_s):>10}  {a.why}"
+            f"{_fmt_s(a.step_time_s):>10}  "
+            + (
+                "chosen"
+                if win is not None
+                and a.step_time_s <= win.step_time_s * (1 + 1e-12)
+                and a.parallel == plan.parallel
+                else why(a, win.step_time_s, win.breakdown)
+                if win is not None
+                else ""
+            )
             for a in ranked[:LANDSCAPE_ROWS]
         ]
         if len(ranked) > LANDSCAPE_ROWS:
@@ -210,6 +299,9 @@ def render(plan: Plan) -> str:
                 f"  ... {len(ranked) - LANDSCAPE_ROWS} more shapes, slowest "
                 f"{_fmt_s(ranked[-1].step_time_s)} (all in the plan's JSON 'landscape')"
             )
+    if plan.unknown_ops:
+        shown = ", ".join(f"{op} x{n}" for op, n in sorted(plan.unknown_ops.items()))
+        lines += ["", f"ops without a sharding rule (run replicated): {shown}"]
     if plan.solver:
         s = plan.solver
         parts = [f"{k}={v}" for k, v in s.items() if not isinstance(v, dict | list)]
@@ -224,17 +316,19 @@ _TITAN_SCHEDULE = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved_1f1b": "Interl
 
 
 def _stage_first_blocks(plan: Plan) -> list[str]:
-    """The first ``layers.i`` of stages 1..: torchtitan split points, in order."""
+    """The first block of stages 1..: torchtitan split points, in order."""
+    kinds = plan.layer_kinds
     points = []
     for st in plan.stages[1:]:
-        blocks = [n for n in st.layers if _is_block(n)]
+        blocks = [n for n in st.layers if kinds.get(n) == "block"]
         if blocks:
             points.append(blocks[0])
     return points
 
 
 def _blocks_per_stage(plan: Plan) -> list[int]:
-    return [_block_count(st.layers) for st in plan.stages]
+    kinds = plan.layer_kinds
+    return [_block_count(st.layers, kinds) for st in plan.stages]
 
 
 def _emit_torchtitan(plan: Plan) -> str:

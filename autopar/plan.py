@@ -12,6 +12,13 @@ On ``tp`` a placement says how the parameter is split for compute (Megatron colu
 row = ``S(1)`` for a Linear weight). On ``dp`` it says how the parameter is *stored* across
 data-parallel ranks: ``"R"`` unless ``zero_stage == 3``, where ``"S(d)"`` names the FSDP shard dim
 (ZeRO-1/2 shard optimizer state and gradients, not the stored parameter).
+
+Version 2 (this one) adds what makes a plan applicable to the model the user brings, exactly as
+priced: ``layers`` (every layer with its kind, real module path and structural signature; stages
+list these names), ``layouts`` (per distinct layer signature, every op's tp placement of its inputs
+and output, in graph order: what the emitter applies op by op), the stated software ``stack``,
+the ``model_spec`` to rebuild the model, the ``cluster_info`` to launch it, and ``unknown_ops``.
+Version-1 files are refused with a message saying to re-run the search.
 """
 
 from __future__ import annotations
@@ -33,13 +40,17 @@ __all__ = [
     "MemoryBreakdown",
     "Prediction",
     "Alternative",
+    "LayerSpec",
+    "OpPlacement",
+    "ClusterInfo",
+    "Stack",
     "Plan",
     "Schedule",
     "Recompute",
     "parse_placement",
 ]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 Schedule = Literal["gpipe", "1f1b", "interleaved_1f1b"]
 Recompute = Literal["none", "selective", "full"]
 MESH_AXES = ("pp", "dp", "tp")
@@ -73,8 +84,6 @@ class Mesh:
 
     shape: tuple[int, ...]
     dim_names: tuple[str, ...]
-    host_mapping: str = ""
-    """Human-readable note of which axis lies inside a host and which crosses hosts."""
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.dim_names):
@@ -92,11 +101,63 @@ class Mesh:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LayerSpec:
+    """One layer of the model as the plan sees it (``Plan.layers``, model order)."""
+
+    name: str
+    """``"embed"``, the block's real module path (``"layers.3"``, ``"model.layers.3"``) or
+    ``"head"``: labels, never decisions."""
+    kind: str
+    """``"embed"``, ``"block"`` or ``"head"``."""
+    signature: str = ""
+    """Structural signature: layers sharing it share ``Plan.layouts[signature]``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpPlacement:
+    """One op of a layer on the tp axis, as the ILP placed it (DTensor short form)."""
+
+    op: str
+    """The aten overload (``"aten.mm.default"``): checked against the model's trace."""
+    inputs: tuple[str, ...]
+    """Placement of each tensor input as the op consumes it."""
+    output: str
+    """Placement of the op's first output as produced."""
+    core: bool = False
+    """Part of the attention core, re-run under selective recompute."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterInfo:
+    """The cluster as it was loaded, so ``launch`` lays ranks out the same way."""
+
+    name: str
+    path: str | None = None
+    """The topology file when it was not a shipped one."""
+    nodes: int = 1
+    devices_per_host: int = 1
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stack:
+    """The software stack the plan was priced for (``--stack`` and its flags)."""
+
+    name: str | None = None
+    attention: str = "flash"
+    """``"flash"`` (fused attention kernel) or ``"unfused"`` (scores materialised)."""
+    sequence_parallel: str = "auto"
+    """``"auto"`` (searched), ``"on"`` or ``"off"``: what the search was allowed."""
+    overlap_grad_reduce: bool = True
+    """Data-parallel gradient reduction overlapped with backward (DDP buckets / FSDP)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Stage:
     """One pipeline stage: the model layers it holds and the global ranks that run it."""
 
     layers: tuple[str, ...]
-    """Layer names in model order (module paths such as ``"layers.0"``, plus ``"embed"``/``"head"`` parts)."""
+    """Names from ``Plan.layers`` in model order."""
     devices: tuple[int, ...]
 
 
@@ -145,7 +206,7 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Alternative:
-    """A runner-up configuration and why it lost to the chosen plan."""
+    """A runner-up configuration; ``explain`` says why it lost from its breakdown."""
 
     parallel: Parallel
     microbatches: int
@@ -155,7 +216,9 @@ class Alternative:
     recompute: str
     step_time_s: float
     memory_gib_per_device: float
-    why: str = ""
+    sequence_parallel: bool = False
+    virtual_stages: int = 1
+    breakdown: TimeBreakdown = field(default_factory=TimeBreakdown)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -166,13 +229,24 @@ class Plan:
     cluster: str
     num_devices: int
     global_batch: int
-    seq_len: int
+    seq_len: int | None
+    """Tokens per sample for token models; None for others (images, features)."""
     dtype: str
     parallel: Parallel
     mesh: Mesh
     stages: tuple[Stage, ...]
     microbatches: int
     micro_batch_size: int
+    layers: tuple[LayerSpec, ...] = ()
+    """Every layer in model order; stages list their names."""
+    model_spec: str | None = None
+    """What rebuilds the model: a zoo spec, ``pkg.mod:factory``, ``hf:Config:...`` (None for a
+    model object passed to the API)."""
+    model_facts: dict[str, Any] = field(default_factory=dict)
+    """Architecture facts from the model's config (labels for exports)."""
+    cluster_info: ClusterInfo | None = None
+    optimizer: str = "adam"
+    stack: Stack = field(default_factory=Stack)
     schedule: str = "1f1b"
     virtual_stages: int = 1
     """Model chunks per device for the interleaved schedule (1 otherwise)."""
@@ -180,6 +254,10 @@ class Plan:
     recompute: str = "none"
     sequence_parallel: bool = False
     placements: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    layouts: dict[str, tuple[OpPlacement, ...]] = field(default_factory=dict)
+    """Per layer signature: its ops' tp layouts in graph order (empty when tp == 1)."""
+    unknown_ops: dict[str, int] = field(default_factory=dict)
+    """Ops no sharding rule knows (aten name -> count in the model): run replicated."""
     predicted: Prediction | None = None
     alternatives: tuple[Alternative, ...] = ()
     landscape: tuple[Alternative, ...] = ()
@@ -194,6 +272,11 @@ class Plan:
         d["placements"] = {k: list(v) for k, v in self.placements.items()}
         return d
 
+    @property
+    def layer_kinds(self) -> dict[str, str]:
+        """Layer name -> kind (``embed`` / ``block`` / ``head``)."""
+        return {layer.name: layer.kind for layer in self.layers}
+
     def to_json(self, path: str | Path | None = None, *, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
@@ -202,10 +285,20 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "<plan>") -> Plan:
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"a plan is a JSON object, got {type(d).__name__}", file=source, field="<root>"
+            )
         version = d.get("version")
         if version != PLAN_VERSION:
+            hint = (
+                "; it was written by an older autopar without per-op layouts: re-run "
+                "`autopar plan ... --json` to get a plan this version can apply"
+                if version == 1
+                else ""
+            )
             raise ConfigError(
-                f"unsupported plan version {version!r}",
+                f"unsupported plan version {version!r}{hint}",
                 file=source,
                 field="version",
                 allowed=(PLAN_VERSION,),
@@ -219,32 +312,49 @@ class Plan:
                     breakdown=TimeBreakdown(**pred.get("breakdown", {})),
                     memory=MemoryBreakdown(**pred.get("memory", {})),
                 )
+            info = d.get("cluster_info")
             return cls(
                 **{f.name: d[f.name] for f in fields(cls) if f.name in d and f.name in _SCALARS},
                 parallel=Parallel(**d["parallel"]),
-                mesh=Mesh(
-                    shape=tuple(d["mesh"]["shape"]),
-                    dim_names=tuple(d["mesh"]["dim_names"]),
-                    host_mapping=d["mesh"].get("host_mapping", ""),
-                ),
+                mesh=Mesh(shape=tuple(d["mesh"]["shape"]), dim_names=tuple(d["mesh"]["dim_names"])),
                 stages=tuple(
                     Stage(layers=tuple(s["layers"]), devices=tuple(s["devices"]))
                     for s in d["stages"]
                 ),
+                layers=tuple(LayerSpec(**x) for x in d.get("layers", ())),
+                cluster_info=ClusterInfo(**info) if info is not None else None,
+                stack=Stack(**d.get("stack", {})),
                 placements={k: tuple(v) for k, v in d.get("placements", {}).items()},
+                layouts={
+                    sig: tuple(
+                        OpPlacement(
+                            op=o["op"],
+                            inputs=tuple(o["inputs"]),
+                            output=o["output"],
+                            core=bool(o.get("core", False)),
+                        )  # fmt: skip
+                        for o in ops
+                    )
+                    for sig, ops in d.get("layouts", {}).items()
+                },
                 predicted=prediction,
                 alternatives=tuple(_alternative(a) for a in d.get("alternatives", ())),
                 landscape=tuple(_alternative(a) for a in d.get("landscape", ())),
             )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"malformed plan ({e})", file=source) from e
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"malformed plan ({type(e).__name__}: {e})", file=source) from e
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> Plan:
         """Parse a plan from a JSON string or a file path."""
         source = "<plan>"
         text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
+        if not isinstance(text_or_path, str | Path):
+            raise ConfigError(
+                f"expected a JSON string or a file path, got {type(text_or_path).__name__}",
+                field="plan",
+            )
+        if isinstance(text_or_path, Path) or not text.lstrip().startswith(("{", "[")):
             source = str(text_or_path)
             try:
                 text = Path(text_or_path).read_text()
@@ -285,9 +395,16 @@ class Plan:
 _SCALARS = {
     "model", "cluster", "num_devices", "global_batch", "seq_len", "dtype", "microbatches",
     "micro_batch_size", "schedule", "virtual_stages", "zero_stage", "recompute",
-    "sequence_parallel", "solver", "version",
+    "sequence_parallel", "solver", "version", "model_spec", "model_facts", "optimizer",
+    "unknown_ops",
 }  # fmt: skip
 
 
 def _alternative(a: dict[str, Any]) -> Alternative:
-    return Alternative(**{**a, "parallel": Parallel(**a["parallel"])})
+    return Alternative(
+        **{
+            **a,
+            "parallel": Parallel(**a["parallel"]),
+            "breakdown": TimeBreakdown(**a.get("breakdown", {})),
+        }
+    )

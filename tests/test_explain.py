@@ -9,6 +9,8 @@ from autopar.errors import ConfigError
 from autopar.explain import emit, render
 from autopar.plan import (
     Alternative,
+    ClusterInfo,
+    LayerSpec,
     MemoryBreakdown,
     Mesh,
     Parallel,
@@ -21,6 +23,14 @@ from autopar.plan import (
 GiB = 1024**3
 
 
+def _layers_of(stages) -> tuple[LayerSpec, ...]:
+    names = [n for st in stages for n in st.layers]
+    return tuple(
+        LayerSpec(name=n, kind=n if n in ("embed", "head") else "block", signature=n[:5])
+        for n in names
+    )
+
+
 def _plan(**over) -> Plan:
     blocks = [f"layers.{i}" for i in range(8)]
     fields = dict(
@@ -31,7 +41,7 @@ def _plan(**over) -> Plan:
         seq_len=2048,
         dtype="bf16",
         parallel=Parallel(dp=2, tp=4, pp=2),
-        mesh=Mesh(shape=(2, 2, 4), dim_names=("pp", "dp", "tp"), host_mapping="tp=4 inside a host"),
+        mesh=Mesh(shape=(2, 2, 4), dim_names=("pp", "dp", "tp")),
         stages=(
             Stage(layers=("embed", *blocks[:3]), devices=tuple(range(8))),
             Stage(layers=(*blocks[3:], "head"), devices=tuple(range(8, 16))),
@@ -68,7 +78,7 @@ def _plan(**over) -> Plan:
                 recompute="none",
                 step_time_s=1.5,
                 memory_gib_per_device=50.0,
-                why="+250.0 ms (20.0%), most on tensor-parallel comm",
+                breakdown=TimeBreakdown(compute=1.0, tp_comm=0.35, pp_bubble=0.1, dp_comm=0.05),
             ),
         ),  # fmt: skip
         landscape=(
@@ -81,12 +91,15 @@ def _plan(**over) -> Plan:
                 recompute="selective",
                 step_time_s=1.25,
                 memory_gib_per_device=40.0,
-                why="chosen",
             ),
         ),  # fmt: skip
         solver={"time_s": 0.5, "candidates_priced": 42},
     )
     fields.update(over)
+    fields.setdefault("layers", _layers_of(fields["stages"]))
+    fields.setdefault(
+        "cluster_info", ClusterInfo(name="dgx-a100", nodes=2, devices_per_host=8, device="a100")
+    )
     return Plan(**fields)
 
 

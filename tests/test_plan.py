@@ -9,11 +9,15 @@ import pytest
 from autopar.errors import ConfigError
 from autopar.plan import (
     Alternative,
+    ClusterInfo,
+    LayerSpec,
     MemoryBreakdown,
     Mesh,
+    OpPlacement,
     Parallel,
     Plan,
     Prediction,
+    Stack,
     Stage,
     TimeBreakdown,
     parse_placement,
@@ -29,11 +33,28 @@ def make_plan() -> Plan:
         seq_len=128,
         dtype="bf16",
         parallel=Parallel(dp=2, tp=2, pp=2),
-        mesh=Mesh(shape=(2, 2, 2), dim_names=("pp", "dp", "tp"), host_mapping="tp inside a host"),
+        mesh=Mesh(shape=(2, 2, 2), dim_names=("pp", "dp", "tp")),
         stages=(
             Stage(layers=("embed", "layers.0"), devices=(0, 1, 2, 3)),
             Stage(layers=("layers.1", "head"), devices=(4, 5, 6, 7)),
         ),
+        layers=(
+            LayerSpec(name="embed", kind="embed", signature="e"),
+            LayerSpec(name="layers.0", kind="block", signature="b"),
+            LayerSpec(name="layers.1", kind="block", signature="b"),
+            LayerSpec(name="head", kind="head", signature="h"),
+        ),
+        model_spec="gpt:layers=2,hidden=64,heads=4",
+        model_facts={"layers": 2, "hidden": 64},
+        cluster_info=ClusterInfo(name="dgx-a100", nodes=1, devices_per_host=8, device="a100"),
+        stack=Stack(name="megatron-core", attention="flash", sequence_parallel="on"),
+        layouts={
+            "b": (
+                OpPlacement(op="aten.mm.default", inputs=("R", "S(1)"), output="S(1)"),
+                OpPlacement(op="aten._softmax.default", inputs=("S(1)",), output="S(1)", core=True),
+            )
+        },
+        unknown_ops={"aten.lstm.input": 2},
         microbatches=4,
         micro_batch_size=2,
         schedule="1f1b",
@@ -62,7 +83,6 @@ def make_plan() -> Plan:
                 recompute="none",
                 step_time_s=1.8,
                 memory_gib_per_device=60.0,
-                why="dp_comm +0.3 s",
             ),
         ),
         solver={"time_s": 0.5, "candidates": 12, "ilp_status": "OPTIMAL"},
@@ -90,10 +110,22 @@ def test_json_has_the_keys_other_tools_rely_on():
     assert set(pred["breakdown"]) >= {"compute", "tp_comm", "dp_comm", "pp_bubble", "pp_comm"}
 
 
+def test_version_1_plans_are_refused_with_what_to_do():
+    d = make_plan().to_dict()
+    d["version"] = 1
+    with pytest.raises(ConfigError, match="re-run"):
+        Plan.from_dict(d)
+
+
+def test_a_json_list_is_a_config_error_not_a_crash():
+    with pytest.raises(ConfigError, match="JSON object"):
+        Plan.from_json("[1, 2]")
+
+
 def test_wrong_version_is_refused_with_the_supported_one():
     d = make_plan().to_dict()
     d["version"] = 99
-    with pytest.raises(ConfigError, match="version.*allowed: 1"):
+    with pytest.raises(ConfigError, match="version.*allowed: 2"):
         Plan.from_dict(d)
 
 

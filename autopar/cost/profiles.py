@@ -7,9 +7,14 @@ technology. Every number in the files carries its unit in the key (``peak_TFLOPs
 to SI (``_flop_per_s``, ``_bytes_per_s``, ``_bytes``, ``_s``) and never again.
 
 Each file keeps the first-principles numbers (datasheet) apart from an ``achieved:`` section of
-measured corrections (the fraction of datasheet bandwidth NCCL reaches, how GEMM efficiency falls
-off for small matrices). ``autopar calibrate`` writes ``kind: calibration`` files with fitted
-alpha/beta per level; those replace the achieved corrections, they never change code.
+measured corrections (the fraction of datasheet bandwidth NCCL reaches, the fraction of peak large
+GEMMs and FlashAttention reach, per-kernel overheads). A device file also states the structure of
+the kernels the compute model prices (``kernels:``: GEMM output tile, FlashAttention blocks) and
+the SM count they are spread over; :mod:`autopar.cost.compute` writes out the model.
+
+``autopar calibrate`` writes ``kind: calibration`` files with fitted alpha/beta per level, and
+``autopar calibrate --compute`` writes ``kind: compute_calibration`` files with fitted kernel
+efficiencies of one device; both replace the achieved corrections, they never change code.
 
 ``YamlSection`` is shared with :mod:`autopar.topology.load`: every access names the file and the
 dotted field, every bad value raises :class:`~autopar.errors.ConfigError` with the allowed values,
@@ -19,7 +24,7 @@ and unknown keys are rejected (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +38,15 @@ __all__ = [
     "YamlSection",
     "read_yaml",
     "DeviceProfile",
+    "ComputeCalibration",
     "LinkProfile",
     "CalibratedLevel",
     "CalibrationProfile",
     "load_device_profile",
+    "load_compute_calibration",
+    "apply_compute_calibration",
+    "PEAK_DTYPES",
+    "MEMORY_KINDS",
     "load_link_profile",
     "load_calibration_profile",
     "find_profile",
@@ -52,6 +62,7 @@ GiB = 1024**3
 DTYPE_ALIASES: dict[str, str] = {
     "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "tf32": "tf32",
+    "fp8": "fp8", "float8_e4m3fn": "fp8",
 }  # fmt: skip
 _NO_DEFAULT = object()
 
@@ -183,7 +194,8 @@ def read_yaml(path: Path | str) -> YamlSection:
 
 
 def list_profiles(kind: str, *, search_dirs: tuple[Path, ...] = (PROFILE_DIR,)) -> list[str]:
-    """Names of the profile files of ``kind`` (device | link | calibration) in the search dirs."""
+    """Names of the profile files of ``kind`` (device | link | calibration | compute_calibration)
+    in the search dirs."""
     names: set[str] = set()
     for d in search_dirs:
         for p in sorted(Path(d).glob("*.yaml")):
@@ -222,29 +234,66 @@ def _check_kind(doc: YamlSection, kind: str) -> None:
 # --------------------------------------------------------------------------------------------
 # device profiles
 # --------------------------------------------------------------------------------------------
+#: dtype keys a device file may give a peak for
+PEAK_DTYPES = ("bf16", "fp16", "fp32", "tf32", "fp8")
+#: classes of memory-bound kernel with their own achieved bandwidth (see autopar.cost.compute)
+MEMORY_KINDS = ("elementwise", "activation", "norm", "softmax")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DeviceProfile:
-    """One accelerator kind, in SI units, with its achieved-efficiency corrections."""
+    """One accelerator kind, in SI units: datasheet numbers, kernel structure, achieved fractions.
+
+    The model that uses these numbers is written out in :mod:`autopar.cost.compute`.
+    """
 
     name: str
     """Profile name (the file stem), e.g. ``"a100-sxm4-80gb"``."""
     model: str
     """Marketing name, e.g. ``"NVIDIA A100-SXM4-80GB"``."""
     peak_flops: tuple[tuple[str, float], ...]
-    """Dense tensor-core peak per dtype key (bf16/fp16/fp32/...), FLOP/s."""
+    """Dense tensor-core peak per dtype key (bf16/fp16/fp32/...), FLOP/s (datasheet)."""
     vector_flop_per_s: float
     """Non-matrix (CUDA core fp32) peak, FLOP/s: the ceiling of elementwise and reduction ops."""
     memory_bytes: float
     memory_bandwidth_bytes_per_s: float
-    matmul_efficiency: float
-    """Fraction of tensor-core peak that large GEMMs reach in practice (achieved, not datasheet)."""
-    matmul_half_size: float
-    """Geometric-mean GEMM dim (m·n·k)^(1/3) at which the achieved efficiency is half of
-    ``matmul_efficiency``: small matrices cannot fill the SMs (tiles, waves, launch)."""
+    """Datasheet memory bandwidth."""
+    sm_count: int
+    """Streaming multiprocessors (CPU: cores used): the width of one wave of GEMM tiles."""
+    host_overlap: bool
+    """True when the host enqueues kernels asynchronously (CUDA streams): a kernel then costs
+    ``max(host, launch + work)``; False (CPU) adds them."""
+    gemm_tile: tuple[int, int]
+    """Output tile (rows, cols) of the library's large-GEMM kernels (tile/wave quantisation)."""
+    flash_tile: tuple[int, int]
+    """FlashAttention blocks (query rows, key/value columns) per thread block."""
+    tile_padding: bool
+    """True when a partial tile costs a whole one (GPU thread blocks); False when a tail block
+    runs at its real size (CPU threads)."""
+    gemm_fractions: tuple[tuple[str, float], ...]
+    """Achieved fraction of the dtype's peak for large, well-shaped GEMMs (the asymptote)."""
+    gemm_k_half: float
+    """Reduction depth at which a tile's efficiency halves: fixed per-tile prologue/epilogue
+    cost expressed in units of k."""
+    flash_fwd_fraction: float
+    """Achieved fraction of the dtype's peak of fused attention forward (long sequences)."""
+    flash_bwd_fraction: float
+    """Same for the fused backward (counted as 2.5x the forward FLOPs)."""
+    flash_kv_half: float
+    """Length of a fused-attention inner loop at which its efficiency halves."""
     memory_efficiency: float
-    """Fraction of datasheet memory bandwidth reached by streaming kernels."""
-    kernel_overhead_s: float
-    """Minimum device time of one kernel, added to every non-empty op."""
+    """Fraction of datasheet memory bandwidth reached by streaming (elementwise) kernels."""
+    memory_kind_fractions: tuple[tuple[str, float], ...] = ()
+    """Achieved bandwidth fraction of other memory-bound kernel kinds (norm, softmax, ...);
+    a kind not listed streams like elementwise kernels (``memory_efficiency``)."""
+    launch_overhead_s: float
+    """Device-side time of one kernel beyond its work (launch latency, ramp-up, tail)."""
+    host_overhead_s: float
+    """Host (framework + driver) time to issue one kernel in PyTorch eager mode."""
+    torch_names: tuple[str, ...] = ()
+    """Names ``torch.cuda.get_device_name()`` reports for this device (calibration lookup)."""
+    compute_calibration: str = ""
+    """Source of the ``kind: compute_calibration`` file applied on top of the file, if any."""
     source: str = ""
 
     def peak_flop_per_s(self, dtype: str) -> float:
@@ -259,32 +308,119 @@ class DeviceProfile:
             allowed=[k for k, _ in self.peak_flops],
         )
 
+    def gemm_fraction(self, dtype: str) -> float:
+        """Achieved fraction of ``dtype``'s peak that large GEMMs reach."""
+        key = DTYPE_ALIASES.get(dtype)
+        for k, v in self.gemm_fractions:
+            if k == key:
+                return v
+        raise ConfigError(
+            f"device {self.name} has no GEMM efficiency for dtype {dtype!r}",
+            field="dtype",
+            allowed=[k for k, _ in self.gemm_fractions],
+        )
+
+    def memory_fraction(self, kind: str = "elementwise") -> float:
+        """Achieved fraction of datasheet bandwidth of a memory-bound kernel of ``kind``."""
+        if kind not in MEMORY_KINDS:
+            raise ConfigError(f"unknown memory-bound kernel kind {kind!r}", field="kind",
+                              allowed=MEMORY_KINDS)  # fmt: skip
+        for k, v in self.memory_kind_fractions:
+            if k == kind:
+                return v
+        return self.memory_efficiency
+
+    @property
+    def achieved_memory_bandwidth_bytes_per_s(self) -> float:
+        """Streaming (elementwise) bandwidth the model assumes."""
+        return self.memory_bandwidth_bytes_per_s * self.memory_efficiency
+
+    @property
+    def matmul_efficiency(self) -> float:
+        """Large-GEMM fraction of the first listed dtype (bf16 on GPUs); kept for old callers."""
+        return self.gemm_fractions[0][1]
+
     @property
     def memory_gib(self) -> float:
         return self.memory_bytes / GiB
 
 
+def _tile(sec: YamlSection, key: str) -> tuple[int, int]:
+    """A ``[rows, cols]`` pair of positive integers."""
+    value = sec.raw(key)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise sec.error(key, f"must be [rows, cols], two positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _fractions(
+    sec: YamlSection, key: str, allowed: tuple[str, ...]
+) -> tuple[tuple[str, float], ...]:
+    """A mapping {name: fraction in (0, 1]} whose keys are in ``allowed``."""
+    doc = sec.section(key)
+    out = []
+    for k in list(doc.data):
+        if k not in allowed:
+            raise doc.error(k, "unknown key", allowed=allowed)
+        out.append((k, doc.number(k, strict=True, maximum=1.0)))
+    doc.finish()
+    return tuple(out)
+
+
 def load_device_profile(
-    name: str, *, search_dirs: tuple[Path, ...] = (PROFILE_DIR,), file: str = "", field: str = ""
+    name: str,
+    *,
+    search_dirs: tuple[Path, ...] = (PROFILE_DIR,),
+    file: str = "",
+    field: str = "",
+    compute_calibration: str | Path | None = None,
 ) -> DeviceProfile:
-    """Read ``cost_models/<name>.yaml`` (kind: device) and convert it to SI once."""
+    """Read ``cost_models/<name>.yaml`` (kind: device) and convert it to SI once.
+
+    ``compute_calibration`` names a ``kind: compute_calibration`` profile (or its path) whose
+    fitted values replace the file's ``achieved:`` corrections (see
+    :func:`apply_compute_calibration`).
+    """
     path = find_profile(name, "device", search_dirs=search_dirs, file=file, field=field)
     doc = read_yaml(path)
     _check_kind(doc, "device")
     model = doc.string("model")
+    names = doc.raw("torch_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise doc.error("torch_names", f"must be a list of strings, got {names!r}")
     peaks_doc = doc.section("peak_TFLOPs")
     peaks = []
     for key in list(peaks_doc.data):
-        if key not in ("bf16", "fp16", "fp32", "tf32", "fp8"):
-            raise peaks_doc.error(
-                key, "unknown dtype", allowed=("bf16", "fp16", "fp32", "tf32", "fp8")
-            )
+        if key not in PEAK_DTYPES:
+            raise peaks_doc.error(key, "unknown dtype", allowed=PEAK_DTYPES)
         peaks.append((key, peaks_doc.number(key, strict=True) * 1e12))
     peaks_doc.finish()
     vector = doc.number("vector_TFLOPs", strict=True) * 1e12
     memory = doc.number("memory_GiB", strict=True) * GiB
     mem_bw = doc.number("memory_bandwidth_GBps", strict=True) * 1e9
+    sm_count = doc.integer("sm_count")
+    overlap = doc.boolean("host_overlap")
+    kern = doc.section("kernels")
+    gemm_tile = _tile(kern, "gemm_tile")
+    flash_tile = _tile(kern, "flash_tile")
+    padding = kern.boolean("tile_padding")
+    kern.finish()
     ach = doc.section("achieved")
+    gemm = _fractions(ach, "gemm_peak_fraction", PEAK_DTYPES)
+    missing = sorted({k for k, _ in peaks} - {k for k, _ in gemm})
+    if missing:
+        raise ach.error(
+            "gemm_peak_fraction",
+            f"every dtype with a peak needs a GEMM fraction; missing {missing}",
+            allowed=[k for k, _ in peaks],
+        )
+    kinds = ()
+    if ach.has("memory_kind_fraction"):
+        kinds = _fractions(ach, "memory_kind_fraction", MEMORY_KINDS[1:])
     prof = DeviceProfile(
         name=path.stem,
         model=model,
@@ -292,15 +428,149 @@ def load_device_profile(
         vector_flop_per_s=vector,
         memory_bytes=memory,
         memory_bandwidth_bytes_per_s=mem_bw,
-        matmul_efficiency=ach.number("matmul_peak_fraction", strict=True, maximum=1.0),
-        matmul_half_size=ach.number("matmul_half_size", minimum=0.0),
+        sm_count=sm_count,
+        host_overlap=overlap,
+        gemm_tile=gemm_tile,
+        flash_tile=flash_tile,
+        tile_padding=padding,
+        gemm_fractions=gemm,
+        gemm_k_half=ach.number("gemm_k_half", minimum=0.0),
+        flash_fwd_fraction=ach.number("flash_fwd_peak_fraction", strict=True, maximum=1.0),
+        flash_bwd_fraction=ach.number("flash_bwd_peak_fraction", strict=True, maximum=1.0),
+        flash_kv_half=ach.number("flash_kv_half", minimum=0.0),
         memory_efficiency=ach.number("memory_bandwidth_fraction", strict=True, maximum=1.0),
-        kernel_overhead_s=ach.number("kernel_overhead_us", minimum=0.0) * 1e-6,
+        memory_kind_fractions=kinds,
+        launch_overhead_s=ach.number("launch_overhead_us", minimum=0.0) * 1e-6,
+        host_overhead_s=ach.number("host_overhead_us", minimum=0.0) * 1e-6,
+        torch_names=tuple(names),
         source=str(path),
     )
     ach.finish()
     doc.finish()
+    if compute_calibration is not None:
+        cal = load_compute_calibration(
+            str(compute_calibration), search_dirs=search_dirs, file=file or str(path),
+            field=field or "compute_calibration",
+        )  # fmt: skip
+        prof = apply_compute_calibration(prof, cal)
     return prof
+
+
+# --------------------------------------------------------------------------------------------
+# compute calibration profiles (written by autopar calibrate --compute)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ComputeCalibration:
+    """Fitted kernel-efficiency numbers of one device; ``None`` = not fitted, keep the file's.
+
+    Every field mirrors one of :class:`DeviceProfile`'s achieved corrections (plus the local
+    device's SM/thread count and the best-fitting GEMM tile, which the fit measures).
+    """
+
+    name: str
+    device: str
+    """The device profile (datasheet) the fractions are relative to."""
+    sm_count: int | None = None
+    gemm_tile: tuple[int, int] | None = None
+    gemm_fractions: tuple[tuple[str, float], ...] = ()
+    gemm_k_half: float | None = None
+    flash_fwd_fraction: float | None = None
+    flash_bwd_fraction: float | None = None
+    flash_kv_half: float | None = None
+    memory_efficiency: float | None = None
+    memory_kind_fractions: tuple[tuple[str, float], ...] = ()
+    launch_overhead_s: float | None = None
+    host_overhead_s: float | None = None
+    source: str = ""
+
+
+def apply_compute_calibration(profile: DeviceProfile, cal: ComputeCalibration) -> DeviceProfile:
+    """``profile`` with the calibration's fitted values in place of its achieved corrections.
+
+    The calibration must have been fitted against this profile's datasheet (same ``device``
+    name): a fraction is only meaningful relative to the peak it was divided by.
+    """
+    if cal.device != profile.name:
+        raise ConfigError(
+            f"compute calibration {cal.name!r} was fitted against device {cal.device!r}, "
+            f"not {profile.name!r}",
+            file=cal.source or None,
+            field="device",
+            allowed=(profile.name,),
+        )
+    changes: dict[str, object] = {"compute_calibration": cal.source or cal.name}
+    for attr in (
+        "sm_count", "gemm_tile", "gemm_k_half", "flash_fwd_fraction", "flash_bwd_fraction",
+        "flash_kv_half", "memory_efficiency", "launch_overhead_s", "host_overhead_s",
+    ):  # fmt: skip
+        value = getattr(cal, attr)
+        if value is not None:
+            changes[attr] = value
+    if cal.gemm_fractions:
+        merged = dict(profile.gemm_fractions)
+        merged.update(cal.gemm_fractions)
+        changes["gemm_fractions"] = tuple(merged.items())
+    if cal.memory_kind_fractions:
+        merged = dict(profile.memory_kind_fractions)
+        merged.update(cal.memory_kind_fractions)
+        changes["memory_kind_fractions"] = tuple(merged.items())
+    return replace(profile, **changes)
+
+
+#: provenance keys of a compute calibration file, kept for humans and not interpreted
+_COMPUTE_PROVENANCE = (
+    "measured_at", "host", "torch_version", "torch_device", "threads", "command", "residuals",
+    "measurements",
+)  # fmt: skip
+
+
+def load_compute_calibration(
+    name: str, *, search_dirs: tuple[Path, ...] = (PROFILE_DIR,), file: str = "", field: str = ""
+) -> ComputeCalibration:
+    """Read a ``kind: compute_calibration`` file (see :mod:`autopar.cost.calibrate`)."""
+    path = find_profile(
+        name, "compute_calibration", search_dirs=search_dirs, file=file, field=field
+    )
+    doc = read_yaml(path)
+    _check_kind(doc, "compute_calibration")
+    device = doc.string("device")
+    for key in _COMPUTE_PROVENANCE:
+        doc.raw(key, None)
+    meas = doc.section("measured", None)
+    sm_count = meas.integer("sm_count", None)
+    meas.finish()
+    fit = doc.section("fitted")
+
+    def opt(key: str, *, fraction: bool = False, scale: float = 1.0) -> float | None:
+        if not fit.has(key):
+            return None
+        if fraction:
+            return fit.number(key, strict=True, maximum=1.0)
+        return fit.number(key, minimum=0.0) * scale
+
+    cal = ComputeCalibration(
+        name=path.stem,
+        device=device,
+        sm_count=sm_count,
+        gemm_tile=_tile(fit, "gemm_tile") if fit.has("gemm_tile") else None,
+        gemm_fractions=_fractions(fit, "gemm_peak_fraction", PEAK_DTYPES)
+        if fit.has("gemm_peak_fraction")
+        else (),
+        gemm_k_half=opt("gemm_k_half"),
+        flash_fwd_fraction=opt("flash_fwd_peak_fraction", fraction=True),
+        flash_bwd_fraction=opt("flash_bwd_peak_fraction", fraction=True),
+        flash_kv_half=opt("flash_kv_half"),
+        memory_efficiency=opt("memory_bandwidth_fraction", fraction=True),
+        memory_kind_fractions=_fractions(fit, "memory_kind_fraction", MEMORY_KINDS[1:])
+        if fit.has("memory_kind_fraction")
+        else (),
+        launch_overhead_s=opt("launch_overhead_us", scale=1e-6),
+        host_overhead_s=opt("host_overhead_us", scale=1e-6),
+        source=str(path),
+    )
+    fit.finish()
+    doc.finish()
+    return cal
 
 
 # --------------------------------------------------------------------------------------------

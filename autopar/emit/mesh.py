@@ -89,13 +89,16 @@ def validate_plan(
 
     Pure: no collectives, no device work, so it runs identically (and fails identically) on
     every rank before ``init_device_mesh``. ``model_layer_names`` are the names stage layers may
-    use (``"embed"``, ``"layers.0"``, ..., ``"head"``); pass None to skip the layer check.
+    use (default: the plan's own ``layers``); the emitter then checks them against the model's
+    trace.
     """
     _check_mesh(plan, world_size=world_size)
     _check_knobs(plan)
+    if model_layer_names is None and plan.layers:
+        model_layer_names = [layer.name for layer in plan.layers]
     _check_stages(plan, model_layer_names=model_layer_names)
     if model is not None:
-        _check_placements(plan, dict(model.named_parameters()))
+        _check_placements(plan, dict(model.named_parameters(remove_duplicate=False)))
 
 
 def _check_mesh(plan: Plan, *, world_size: int) -> None:

@@ -1,124 +1,443 @@
-"""Pipeline stages cut at the plan's layer boundaries, run by ``torch.distributed.pipelining``.
+"""Stage modules that run the plan's layers of the traced program, and the pipeline schedule.
 
-Layer names follow ``autopar.graph.layers``: ``"embed"`` (every top-level module registered
-before the block container), ``"<container>.<key>"`` for each block (``"layers.3"``) and
-``"head"`` (every top-level module registered after the container). A stage module is the
-model with the parts of other stages removed, the torchtitan pattern: container entries are
-deleted and embed/head modules set to None, so the model's own ``forward`` skips them and a
-later stage takes hidden states instead of tokens. Parameter names stay those of the full
-model, which is what ``plan.placements`` refers to.
+A ``StageModule`` runs a contiguous run of the plan's layers (one pipeline stage, or one
+interleaved chunk) of the traced program (``emit.program``). It holds exactly the parameters
+its layers read, registered under their real FQNs in a skeleton of the model's module tree, so
+``named_parameters()`` names what the user's model names and FSDP / optimizers see ordinary
+modules. Each block is a ``LayerRunner`` submodule at the block's module path: one FSDP unit
+and the unit activation checkpointing wraps. Any container works (``ModuleList``,
+``ModuleDict``, ``Sequential``, HF ``model.layers``): the cut is by layer, not by module class.
+
+What crosses a stage boundary: every value a later layer reads that was made by an earlier
+stage, in program order (the hidden state, and e.g. a mask built from the input ids); values
+that depend on no input and no parameter (positions, rotary tables) are recomputed where they
+are needed instead of sent. Activations cross as local shards: whole, or split along the
+token dim under sequence parallelism (``tensor_parallel.boundary_placement``).
+
+A parameter shared by layers on different stages (tied input/output embeddings) has a copy on
+each stage, registered under the FQN the stage's layers use (``tok_embed.weight`` on the
+first, ``lm_head.weight`` on the last); ``ParallelModel`` all-reduces their gradients once per
+step, as Megatron-LM does.
 """
 
 from __future__ import annotations
 
-import copy
+import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from autopar.emit.program import LayerPart, Program
+from autopar.emit.tensor_parallel import OpStats, boundary_placement, run_op, to_placement
 from autopar.errors import ConfigError
+from autopar.graph.trace import DEVICE_NODE
 
-__all__ = [
-    "LayerMap",
-    "layer_map",
-    "build_stage_module",
-    "build_schedule",
-]
-
-EMBED = "embed"
-HEAD = "head"
+__all__ = ["Executor", "LayerRunner", "StageModule", "build_stage_module", "build_schedule"]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LayerMap:
-    """How plan layer names map onto a model's top-level modules."""
-
-    container: str | None
-    """Name of the top-level ``ModuleDict``/``ModuleList`` holding the repeated blocks."""
-    blocks: tuple[str, ...]
-    """Keys of the container in model order (``"0"``, ``"1"``, ...)."""
-    embed: tuple[str, ...]
-    """Top-level children registered before the container."""
-    head: tuple[str, ...]
-    """Top-level children registered after the container."""
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Plan layer names in model order."""
-        out: list[str] = [EMBED] if self.embed else []
-        out += [f"{self.container}.{k}" for k in self.blocks]
-        return tuple(out + ([HEAD] if self.head else []))
+_RUN_AS = {
+    torch.ops.aten.view.default: torch.ops.aten.reshape.default,
+    torch.ops.aten._unsafe_view.default: torch.ops.aten.reshape.default,
+}
+"""A traced ``view`` assumed the strides the fake tensors had; a local shard or a kernel on
+another device may lay memory out differently, and ``reshape`` is the same values either way."""
 
 
-def layer_map(model: nn.Module) -> LayerMap:
-    """Find the block container: the top-level ModuleDict/ModuleList with the most children.
+_RESHAPES = frozenset(_RUN_AS.values())
 
-    Generic on purpose (no GPT names): any model built the torchtitan way (embedding modules,
-    a container of blocks, head modules) can be cut into stages.
-    """
-    children = list(model.named_children())
-    # an emptied container (a pipeline stage without blocks) still marks the embed/head split
-    containers = [
-        (len(m), i, name)
-        for i, (name, m) in enumerate(children)
-        if isinstance(m, nn.ModuleDict | nn.ModuleList)
-    ]
-    if not containers:
-        return LayerMap(container=None, blocks=(), embed=tuple(n for n, _ in children), head=())
-    _, _, container = max(containers, key=lambda c: (c[0], -c[1]))
-    blocks = tuple(k for k, _ in getattr(model, container).named_children())
-    # None children (already removed parts) are kept in _modules; keep them in the map so a
-    # stage module maps the same way as the full model.
-    names = list(model._modules)
-    pos = names.index(container)
-    return LayerMap(
-        container=container,
-        blocks=blocks,
-        embed=tuple(names[:pos]),
-        head=tuple(names[pos + 1 :]),
-    )
+
+def _contiguous(grad: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(grad, DTensor) and not grad.to_local().is_contiguous():
+        return DTensor.from_local(
+            grad.to_local().contiguous(), grad.device_mesh, grad.placements, run_check=False,
+            shape=grad.shape, stride=grad.stride(),
+        )  # fmt: skip
+    return grad
+
+
+class Executor:
+    """Runs fx nodes of the program with the plan's layouts (plain tensors when tp == 1)."""
+
+    def __init__(
+        self,
+        program: Program,
+        *,
+        tp_mesh: Any,
+        sequence_parallel: bool,
+        recompute: str,
+        device: torch.device,
+    ) -> None:
+        self.program = program
+        self.device = device
+        self.mesh = tp_mesh
+        self.tp = tp_mesh.size() if tp_mesh is not None else 1
+        self.sequence_parallel = sequence_parallel
+        self.recompute = recompute
+        self.stats = OpStats()
+        self.layouts = {n: lay for part in program.parts for n, lay in part.layouts.items()}
+        gm = program.traced.graph_module
+        self._attrs = {n: getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+
+    # -- one node -----------------------------------------------------------------------------
+    def run_node(self, node: fx.Node, env: dict[fx.Node, Any], fetch: Callable) -> Any:
+        def value(a: fx.Node) -> Any:
+            if a in env:
+                return env[a]
+            return fetch(a)
+
+        if node.name == DEVICE_NODE:
+            return self.device
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        target = _RUN_AS.get(node.target, node.target)
+        if node.op == "get_attr":
+            return self._attrs[node]
+        if target is operator.getitem or self.mesh is None:
+            return target(*args, **kwargs)
+        out = run_op(node, args, kwargs, self.layouts.get(node), self.mesh, self.stats, target)
+        if target in _RESHAPES and isinstance(out, torch.Tensor) and out.requires_grad:
+            # the gradient of a reshape is reshaped back; a DTensor whose local shard arrives
+            # with strides of a transpose cannot be viewed, so it is made contiguous first
+            out.register_hook(_contiguous)
+        return out
+
+    def run_nodes(self, nodes: Sequence[fx.Node], env: dict[fx.Node, Any], fetch: Callable) -> None:
+        for node in nodes:
+            if node not in env:
+                env[node] = self.run_node(node, env, fetch)
+
+    # -- one layer, with selective recompute of its attention core -----------------------------
+    def run_part(self, part: LayerPart, env: dict[fx.Node, Any], fetch: Callable) -> None:
+        if self.recompute != "selective" or not part.core:
+            self.run_nodes(part.nodes, env, fetch)
+            return
+        from autopar.emit.checkpointing import core_regions, run_checkpointed
+
+        regions = core_regions(part)
+        pending = {n: r for r in regions for n in r.nodes}
+        for node in part.nodes:
+            if node in env:
+                continue
+            region = pending.get(node)
+            if region is None:
+                env[node] = self.run_node(node, env, fetch)
+            elif node is region.nodes[-1]:
+                run_checkpointed(self, region, env, fetch)
+
+    # -- boundaries -----------------------------------------------------------------------------
+    def to_boundary(self, node: fx.Node, value: Any) -> Any:
+        """A value leaving a stage: a plain local tensor in the boundary layout."""
+        from torch.distributed.tensor import DTensor
+
+        if not isinstance(value, DTensor):
+            return value
+        text = self._boundary_text(node)
+        want = to_placement(text)
+        if value.placements[0] != want:
+            value = value.redistribute(self.mesh, [want])
+        return value.to_local()
+
+    def to_output(self, value: Any) -> tuple[Any, str]:
+        """A model output as a plain tensor: whole, or still split over the vocabulary (last
+        dim), which the loss reads where it is (``loss_parallel``); partial sums are reduced."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if not isinstance(value, DTensor):
+            return value, "R"
+        p = value.placements[0]
+        if isinstance(p, Shard) and p.dim in (value.ndim - 1, -1):
+            return value.to_local(), f"S({value.ndim - 1})"
+        if p != Replicate():
+            value = value.redistribute(self.mesh, [Replicate()])
+        return value.to_local(), "R"
+
+    def from_boundary(self, node: fx.Node, value: Any) -> Any:
+        """A value entering a stage (a local tensor) as the DTensor it stands for."""
+        from torch.distributed.tensor import DTensor
+
+        if self.mesh is None or not isinstance(value, torch.Tensor):
+            return value
+        return DTensor.from_local(
+            value, self.mesh, [to_placement(self._boundary_text(node))], run_check=False
+        )
+
+    def _boundary_text(self, node: fx.Node) -> str:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            return "R"
+        return boundary_placement(
+            tuple(val.shape), sequence_parallel=self.sequence_parallel, tp=self.tp
+        )
+
+
+class LayerRunner(nn.Module):
+    """One block of the program: its parameters live under this module (an FSDP unit)."""
+
+    def __init__(self, part: LayerPart, executor: Executor, stage: StageModule) -> None:
+        super().__init__()
+        self._part = part
+        self._executor = executor
+        # a plain attribute, not a submodule: the stage owns the runner, not the other way
+        object.__setattr__(self, "_stage", stage)
+
+    def forward(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        if self._executor.recompute == "full":
+            from autopar.emit.checkpointing import run_layer_checkpointed
+
+            return run_layer_checkpointed(self, env)
+        return self.run(env)
+
+    def run(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        env = dict(env)
+        self._executor.run_part(self._part, env, self._stage.fetch)
+        return {n: env[n] for n in self._stage.exports_of(self._part)}
+
+
+class StageModule(nn.Module):
+    """A contiguous run of the plan's layers (see the module docstring)."""
+
+    def __init__(
+        self,
+        program: Program,
+        part_indices: Sequence[int],
+        *,
+        params: dict[fx.Node, nn.Parameter],
+        param_names: dict[fx.Node, str],
+        buffers: dict[fx.Node, torch.Tensor],
+        executor: Executor,
+        is_first: bool,
+        is_last: bool,
+    ) -> None:
+        super().__init__()
+        self._program = program
+        self._executor = executor
+        self._parts = [program.parts[i] for i in part_indices]
+        self.is_first, self.is_last = is_first, is_last
+        self._where: dict[fx.Node, tuple[nn.Module, str]] = {}
+        runners: dict[str, LayerRunner] = {}
+        self._runner_of: dict[int, LayerRunner] = {}
+        for part in self._parts:
+            if part.kind == "block":
+                runner = LayerRunner(part, executor, self)
+                runners[part.name] = runner
+                self._runner_of[id(part)] = runner
+        for node, param in params.items():
+            self._where[node] = self._place(param_names[node], param, runners, buffer=False)
+        for node, buf in buffers.items():
+            self._where[node] = self._place(program.buffers[node], buf, runners, buffer=True)
+        for name, runner in runners.items():
+            if not self._attached(name):
+                self._attach_module(name, runner, runners)
+        self._plan_io()
+
+    # -- the skeleton of the model's module tree ------------------------------------------------
+    def _attached(self, path: str) -> bool:
+        try:
+            self.get_submodule(path)
+            return True
+        except AttributeError:
+            return False
+
+    def _attach_module(self, path: str, module: nn.Module, runners: dict[str, LayerRunner]) -> None:
+        parts = path.split(".")
+        mod: nn.Module = self
+        prefix = ""
+        for p in parts[:-1]:
+            prefix = f"{prefix}.{p}" if prefix else p
+            child = mod._modules.get(p)
+            if child is None:
+                child = runners.get(prefix) or nn.Module()
+                mod.add_module(p, child)
+            mod = child
+        if parts[-1] not in mod._modules:
+            mod.add_module(parts[-1], module)
+
+    def _place(
+        self, fqn: str, tensor: torch.Tensor, runners: dict[str, LayerRunner], *, buffer: bool
+    ) -> tuple[nn.Module, str]:
+        parts = fqn.split(".")
+        mod: nn.Module = self
+        prefix = ""
+        for p in parts[:-1]:
+            prefix = f"{prefix}.{p}" if prefix else p
+            child = mod._modules.get(p)
+            if child is None:
+                child = runners.get(prefix) or nn.Module()
+                mod.add_module(p, child)
+            mod = child
+        leaf = parts[-1]
+        if buffer:
+            mod.register_buffer(leaf, tensor, persistent=False)
+        else:
+            mod.register_parameter(leaf, tensor)
+        return mod, leaf
+
+    def fetch(self, node: fx.Node) -> Any:
+        """The current value of a parameter / buffer placeholder (FSDP swaps them in and out)."""
+        where = self._where.get(node)
+        if where is None:
+            raise ConfigError(
+                f"stage needs {node.name}, which it does not hold (a parameter used on two "
+                "stages that is not tied, or a value the plan did not send)",
+                field="stages",
+            )
+        mod, attr = where
+        return getattr(mod, attr)
+
+    # -- what enters and leaves ----------------------------------------------------------------
+    def _plan_io(self) -> None:
+        program = self._program
+        mine = {n for part in self._parts for n in part.nodes}
+        layer_of = program.layer_of()
+        first = min(layer_of[n] for n in mine) if mine else 0
+        last = max(layer_of[n] for n in mine) if mine else 0
+        order = {n: i for i, n in enumerate(program.graph.nodes)}
+
+        def live_across(boundary: int) -> list[fx.Node]:
+            """Non-constant values made before layer ``boundary`` and read at or after it."""
+            out = []
+            for n in program.graph.nodes:
+                if n.op not in ("placeholder", "call_function") or n in program.constant:
+                    continue
+                if n in program.params or n in program.buffers:
+                    continue
+                if n.op == "call_function" and layer_of.get(n, -1) >= boundary:
+                    continue
+                users = [u for u in n.users if u.op == "output" or layer_of.get(u, -1) >= boundary]
+                if users:
+                    out.append(n)
+            return sorted(out, key=order.__getitem__)
+
+        self.inputs = list(program.inputs) if self.is_first else live_across(first)
+        if self.is_last:
+            self.outputs = [
+                a for a in program.output.args[0] if isinstance(a, fx.Node)
+            ]  # fmt: skip
+        else:
+            self.outputs = live_across(last + 1)
+        exports: dict[int, list[fx.Node]] = {}
+        for part in self._parts:
+            made = set(part.nodes)
+            exports[id(part)] = [
+                n for n in made if any(u not in made for u in n.users if u.op != "output")
+                or any(u.op == "output" for u in n.users) or n in self.outputs
+            ]  # fmt: skip
+        self._exports = exports
+
+    def exports_of(self, part: LayerPart) -> list[fx.Node]:
+        return self._exports[id(part)]
+
+    def _constants(self, env: dict[fx.Node, Any]) -> None:
+        """Recompute the constant values this stage reads (positions, rotary tables...)."""
+        need: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+
+        def visit(n: fx.Node) -> None:
+            if n in seen or n in env or n not in self._program.constant:
+                return
+            seen.add(n)
+            for a in n.all_input_nodes:
+                visit(a)
+            if n.op != "placeholder":
+                need.append(n)
+
+        for part in self._parts:
+            for node in part.nodes:
+                for a in node.all_input_nodes:
+                    visit(a)
+        owned = {n for part in self._parts for n in part.nodes}
+        for n in need:
+            if n not in owned and n not in env:
+                env[n] = self._executor.run_node(n, env, self.fetch)
+
+    def forward(self, *args: Any) -> Any:
+        ex = self._executor
+        env: dict[fx.Node, Any] = {}
+        if self.is_first:
+            for node, value in zip(self.inputs, args):
+                env[node] = value
+        else:
+            for node, value in zip(self.inputs, args):
+                env[node] = ex.from_boundary(node, value)
+        self._constants(env)
+        for part in self._parts:
+            runner = self._runner_of.get(id(part))
+            if runner is not None:
+                env.update(runner(env))
+            else:
+                ex.run_part(part, env, self.fetch)
+        out = [env[n] for n in self.outputs]
+        if self.is_last:
+            local = [ex.to_output(v) for v in out]
+            self.output_placements = [p for _, p in local]
+            values = tuple(v for v, _ in local)
+            return values if len(values) != 1 else values[0]
+        return tuple(ex.to_boundary(n, v) for n, v in zip(self.outputs, out))
+
+
+def _stage_param_names(program: Program, parts: list[LayerPart]) -> dict[fx.Node, str]:
+    """Each parameter this stage reads, named by the FQN its own layers use for it."""
+    names: dict[fx.Node, str] = {}
+    for part in parts:
+        modules = {str(n.meta.get("custom", {}).get("module_path", "")) for n in part.nodes}
+        for node in part.nodes:
+            for a in node.all_input_nodes:
+                if a in program.params and a not in names:
+                    aliases = program.params[a]
+                    pick = next((f for f in aliases if f.rpartition(".")[0] in modules), aliases[0])
+                    names[a] = pick
+    return names
 
 
 def build_stage_module(
-    model: nn.Module, *, layers: Sequence[str], copy_model: bool = False
-) -> nn.Module:
-    """The part of ``model`` that runs ``layers`` (plan layer names of one stage).
+    program: Program,
+    part_indices: Sequence[int],
+    *,
+    model: nn.Module,
+    executor: Executor,
+    is_first: bool,
+    is_last: bool,
+    distribute: Callable[[str, torch.Tensor], nn.Parameter] | None,
+) -> StageModule:
+    """The stage running ``part_indices`` with its own copies of the parameters it reads.
 
-    ``copy_model=False`` cuts ``model`` in place (one stage per rank: no second copy of the
-    weights); interleaved schedules need several stage modules per rank and pass True.
+    ``distribute(fqn, tensor)`` turns a parameter into what the stage holds (a DTensor on the
+    tp mesh with the plan's placement); None keeps plain parameters.
     """
-    lmap = layer_map(model)
-    if lmap.container is None:
-        raise ConfigError(
-            f"{type(model).__name__} has no ModuleDict/ModuleList of blocks to cut into "
-            "pipeline stages",
-            field="stages",
-        )
-    if any(p is not None for p in model._parameters.values()):
-        raise ConfigError(
-            f"{type(model).__name__} has parameters on the root module "
-            f"({list(model._parameters)}); pipeline stages can only split submodules",
-            field="stages",
-        )
-    keep = set(layers)
-    stage = copy.deepcopy(model) if copy_model else model
-    container = getattr(stage, lmap.container)
-    if not isinstance(container, nn.ModuleDict):
-        raise ConfigError(
-            f"'{lmap.container}' is a {type(container).__name__}; pipeline stages delete blocks "
-            "by key and need an nn.ModuleDict (torchtitan pattern) so names stay stable",
-            field="stages",
-        )
-    for key in lmap.blocks:
-        if f"{lmap.container}.{key}" not in keep:
-            del container[key]
-    for part, names in ((EMBED, lmap.embed), (HEAD, lmap.head)):
-        if part not in keep:
-            for name in names:
-                setattr(stage, name, None)
-    return stage
+    parts = [program.parts[i] for i in part_indices]
+    names = _stage_param_names(program, parts)
+    by_fqn = dict(model.named_parameters(remove_duplicate=False))
+    buf_by_fqn = dict(model.named_buffers())
+    params: dict[fx.Node, nn.Parameter] = {}
+    for node in names:
+        src = by_fqn[program.params[node][0]]
+        if distribute is not None:
+            params[node] = distribute(program.params[node][0], src)
+        else:
+            params[node] = nn.Parameter(src.detach().clone(), requires_grad=src.requires_grad)
+    needed_buffers = {
+        a for part in parts for n in part.nodes for a in n.all_input_nodes if a in program.buffers
+    }
+    # constants this stage recomputes may read buffers too (rotary inverse frequencies)
+    frontier = [a for part in parts for n in part.nodes for a in n.all_input_nodes]
+    seen: set[fx.Node] = set()
+    while frontier:
+        a = frontier.pop()
+        if a in seen or a not in program.constant:
+            continue
+        seen.add(a)
+        if a in program.buffers:
+            needed_buffers.add(a)
+        frontier += a.all_input_nodes
+    buffers = {b: buf_by_fqn[program.buffers[b]].detach().clone() for b in needed_buffers}
+    return StageModule(
+        program, part_indices, params=params, param_names=names, buffers=buffers,
+        executor=executor, is_first=is_first, is_last=is_last,
+    )  # fmt: skip
 
 
 def build_schedule(
@@ -129,14 +448,13 @@ def build_schedule(
     schedule: str,
     microbatches: int,
     device: torch.device,
-    pp_group,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-):
+    pp_group: Any,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor],
+) -> tuple[Any, list[Any]]:
     """``PipelineStage`` per local stage module and the plan's schedule over them.
 
     ``scale_grads=True`` divides accumulated gradients by the microbatch count, so with a
     mean-reducing ``loss_fn`` the gradients equal those of the mean loss over the whole batch.
-    Stage input/output shapes are inferred at the first step by the pipelining runtime.
     """
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import (

@@ -1,329 +1,231 @@
-"""Tensor parallelism from per-parameter placements on the ``tp`` mesh axis.
+"""Tensor parallelism with DTensor, op by op, exactly as the plan placed it.
 
-No layer names are hard-coded: the style of each module is read off the plan's placement of
-its own parameters.
+Parameters become ``DTensor``s on the tp mesh with the plan's placement (``distribute_tensor``;
+replicated ones too, so every op sees DTensors). Each traced op then runs with its inputs
+redistributed to the plan's input placements and its output checked against (and, if DTensor
+chose otherwise, redistributed to) the plan's output placement; ``OpStats`` counts those
+corrections, so a run that deviates from what was priced is visible (tests assert zero).
 
-* ``nn.Linear`` whose weight is ``S(0)`` on tp (output features split) -> ``ColwiseParallel``;
-  ``S(1)`` (input features split) -> ``RowwiseParallel``. This is Megatron's split.
-* ``nn.Embedding`` with ``S(0)`` (vocabulary split) -> ``RowwiseParallel`` (masked lookup plus
-  all-reduce); ``S(1)`` (hidden split) -> ``ColwiseParallel`` gathering its output.
-* Any other module with a sharded parameter -> ``distribute_module`` with exactly the planned
-  placements; its inputs enter as replicated DTensors and its outputs leave replicated, so
-  DTensor's sharding propagation computes the right thing for whatever the module does.
-* Parameters replicated on tp stay plain tensors: every tp rank holds and updates the same copy
-  (their gradients agree because the colwise layer after them all-reduces its input gradient).
+DTensor's sharding propagation computes every op correctly for whatever placements its inputs
+have: a layout the plan chose can cost more than priced if it were wrong, never produce a wrong
+value. Two kinds of op run on their local shards instead, because DTensor has no strategy for
+them on every device: fused attention split over batch or heads (each device attends its own
+heads: no communication, the plan's layout is exact), and ops the plan keeps replicated.
 
-Pairing: a colwise Linear keeps its output sharded (local tensors, heads split) when a sibling
-in the same parent module is rowwise, the parent's forward being ``rowwise(f(colwise(x)))``
-(attention ``q,k,v -> o``, MLP ``up -> down``); otherwise its output is gathered. Likewise a
-rowwise Linear expects a sharded input only when it has a colwise sibling. Model code must be
-TP-agnostic in the local view (attention reshapes with ``-1`` heads, as the zoo does).
-
-Sequence parallelism (``plan.sequence_parallel``) additionally keeps the activations between
-tensor-parallel regions sharded on the sequence dim: norms run on sequence shards
-(``SequenceParallel``), regions all-gather on entry and their row-parallel Linear
-reduce-scatters on exit; ``sequence_parallel_roles`` decides where from the block structure.
+Gradients of a parameter replicated on tp but computed from split activations are partial sums
+over tp; ``reduce_partial_grads`` all-reduces them once per step, as the plan priced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from torch import nn
-from torch.distributed.tensor import Shard
+import torch
+from torch.utils import _pytree as pytree
 
 from autopar.errors import ConfigError
-from autopar.plan import parse_placement
+from autopar.plan import OpPlacement, parse_placement
 
-__all__ = ["TPAssignment", "tp_styles", "sequence_parallel_roles", "apply_tensor_parallel"]
+__all__ = [
+    "OpStats",
+    "to_placement",
+    "distribute_parameter",
+    "run_op",
+    "boundary_placement",
+    "reduce_partial_grads",
+    "check_ops_supported",
+]
 
-SEQ_DIM = 1
-"""Sequence dim of activations ``[batch, seq, hidden]`` (sequence parallelism shards it)."""
-SEQ_SHARD = Shard(SEQ_DIM)
-COLWISE = "colwise"
-ROWWISE = "rowwise"
-DISTRIBUTE = "distribute"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TPAssignment:
-    """What tensor parallelism does to one module."""
-
-    module: str
-    style: str
-    """``colwise``, ``rowwise`` or ``distribute``."""
-    placements: tuple[tuple[str, str], ...]
-    """``(local parameter name, placement string on tp)``."""
-    sharded_io: bool = False
-    """Colwise: output stays sharded; rowwise: input arrives sharded (paired with a sibling)."""
+aten = torch.ops.aten
+_LOCAL_ATTENTION = {
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
 
 
-def _tp_placements(module_name: str, module: nn.Module, tp_of: Mapping[str, str]) -> dict[str, str]:
-    out = {}
-    for pname, _ in module.named_parameters(recurse=False):
-        fqn = f"{module_name}.{pname}" if module_name else pname
-        out[pname] = tp_of.get(fqn, "R")
-    return out
+@dataclass(slots=True)
+class OpStats:
+    """What the executor did beyond the plan (all zero when a run is exactly as priced)."""
+
+    ops: int = 0
+    output_corrections: int = 0
+    """Ops whose output DTensor placed differently from the plan (then redistributed)."""
+    local_ops: int = 0
+    """Ops run on local shards (fused attention, replicated ops DTensor lacks)."""
+    corrected: list[str] = field(default_factory=list)
 
 
-def tp_styles(model: nn.Module, *, tp_of: Mapping[str, str]) -> list[TPAssignment]:
-    """Decide the style of every module with a parameter sharded on tp.
+def to_placement(text: str):
+    """``"S(1)"`` -> ``Shard(1)``, ``"R"`` -> ``Replicate()``, ``"P"`` -> ``Partial()``."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
 
-    ``tp_of`` maps parameter FQNs (as in ``model.named_parameters()``) to their tp placement
-    string; unnamed parameters are replicated. Pure: no communication, so it can be tested and
-    it fails (``ConfigError``) on every rank alike before any DTensor is made.
-    """
-    kinds: dict[str, tuple[str, dict[str, str]]] = {}
-    for name, mod in model.named_modules():
-        places = _tp_placements(name, mod, tp_of)
-        if all(p == "R" for p in places.values()):
-            continue
-        weight = places.get("weight", "R")
-        style = DISTRIBUTE
-        if isinstance(mod, nn.Linear):
-            style = {"S(0)": COLWISE, "S(1)": ROWWISE}.get(weight, DISTRIBUTE)
-            expected_bias = {COLWISE: "S(0)", ROWWISE: "R"}.get(style)
-            if expected_bias is not None and "bias" in places and places["bias"] != expected_bias:
-                raise ConfigError(
-                    f"{name}: weight {weight} on tp makes it {style} parallel, whose bias must "
-                    f"be {expected_bias}, but the plan says {places['bias']}",
-                    field=f"placements[{name}.bias]",
-                    allowed=(expected_bias,),
-                )
-        elif isinstance(mod, nn.Embedding):
-            style = {"S(0)": ROWWISE, "S(1)": COLWISE}.get(weight, DISTRIBUTE)
-        kinds[name] = (style, places)
-
-    def parent(n: str) -> str:
-        return n.rpartition(".")[0]
-
-    def linear_siblings(n: str, style: str) -> bool:
-        return any(
-            parent(m) == parent(n)
-            and m != n
-            and s == style
-            and isinstance(model.get_submodule(m), nn.Linear)
-            for m, (s, _) in kinds.items()
-        )
-
-    out = []
-    for name, (style, places) in kinds.items():
-        mod = model.get_submodule(name)
-        paired = False
-        if isinstance(mod, nn.Linear) and style == COLWISE:
-            paired = linear_siblings(name, ROWWISE)
-        elif isinstance(mod, nn.Linear) and style == ROWWISE:
-            paired = linear_siblings(name, COLWISE)
-        out.append(
-            TPAssignment(
-                module=name,
-                style=style,
-                placements=tuple(sorted(places.items())),
-                sharded_io=paired,
-            )
-        )
-    return out
+    kind, dim = parse_placement(text)
+    return Shard(dim) if kind == "S" else Partial() if kind == "P" else Replicate()
 
 
-def _distribute_style(
-    target: nn.Module, placements: Mapping[str, str], *, seq_in: bool, seq_out: bool
-):
-    """Partition/input/output functions for ``distribute_module`` with planned placements.
+def _same(have: Any, want: Any) -> bool:
+    from torch.distributed.tensor import Partial
 
-    Inputs arrive as local tensors, sequence-sharded when ``seq_in`` (sequence parallelism),
-    else replicated; outputs leave as local tensors, sequence-sharded when ``seq_out``.
-    """
-    import torch
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
-    def to_placement(text: str):
-        kind, dim = parse_placement(text)
-        return Shard(dim) if kind == "S" else Replicate()
-
-    def partition_fn(_name, module, mesh):
-        if module is not target:  # distribute_module visits submodules too; they are not ours
-            return
-        for pname, param in list(module.named_parameters(recurse=False)):
-            dt = distribute_tensor(param.data, mesh, [to_placement(placements[pname])])
-            module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
-
-    def input_fn(module, inputs, mesh):
-        def enter(x):
-            if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
-                return x
-            if seq_in:
-                return DTensor.from_local(x, mesh, [SEQ_SHARD], run_check=False).redistribute(
-                    mesh, [Replicate()]
-                )
-            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-
-        return tuple(enter(x) for x in inputs)
-
-    def output_fn(module, outputs, mesh):
-        def leave(x):
-            if isinstance(x, DTensor):
-                return x.redistribute(mesh, [SEQ_SHARD if seq_out else Replicate()]).to_local()
-            return x
-
-        if isinstance(outputs, tuple):
-            return tuple(leave(x) for x in outputs)
-        return leave(outputs)
-
-    return partition_fn, input_fn, output_fn
+    if isinstance(want, Partial):
+        return isinstance(have, Partial)
+    return have == want
 
 
-def _is_norm(module: nn.Module) -> bool:
-    """Token-wise normalisation layers (the ones ``SequenceParallel`` supports)."""
-    return isinstance(module, nn.LayerNorm | nn.RMSNorm) or type(module).__name__.endswith("Norm")
+def distribute_parameter(param: torch.Tensor, mesh: Any, text: str) -> torch.nn.Parameter:
+    """A parameter as a DTensor on the tp mesh with the planned placement."""
+    from torch.distributed.tensor import distribute_tensor
+
+    placement = to_placement(text)
+    if parse_placement(text)[0] == "P":
+        raise ConfigError("a parameter cannot be a partial sum", field="placements")
+    dt = distribute_tensor(param.detach(), mesh, [placement])
+    return torch.nn.Parameter(dt, requires_grad=param.requires_grad)
 
 
-def sequence_parallel_roles(model: nn.Module, *, assignments: list[TPAssignment]) -> dict[str, str]:
-    """Where activations change layout under sequence parallelism (Korthikanti et al. 2022).
+def _as_dtensor(x: Any, mesh: Any) -> Any:
+    from torch.distributed.tensor import DTensor, Replicate
 
-    Between tensor-parallel regions activations are sharded on the sequence dim (dim 1) over
-    tp. Roles, by module name:
+    if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+        return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    return x
 
-    * ``enter``: first block of a stage that also holds the embedding: replicated -> sharded.
-    * ``norm``: a normalisation layer with replicated parameters inside a block or the head:
-      runs on its sequence shard (``SequenceParallel``; its weight gradients are all-reduced).
-    * ``gather``: a block child holding a column->row Linear pair: all-gather the sequence on
-      entry; its row-parallel Linear reduce-scatters back to sequence shards.
-    * ``gather_scatter``: any other block child (it may mix tokens, e.g. attention with
-      replicated weights): all-gather on entry, keep this rank's sequence shard on exit.
-    * ``exit``: the first head module after the norms: all-gather the sequence.
 
-    Pure, so it is unit-tested without processes. Assumes the model's own ``forward`` does
-    nothing token-mixing between blocks (true of the zoo; rotary tables are built per block).
-    """
-    from autopar.emit.pipeline import layer_map
+def _to(x: Any, mesh: Any, text: str) -> Any:
+    from torch.distributed.tensor import DTensor
 
-    lmap = layer_map(model)
-    if lmap.container is None:
-        return {}
-    paired_parents = {
-        a.module.rpartition(".")[0] for a in assignments if a.sharded_io and a.style == ROWWISE
-    }
-    roles: dict[str, str] = {}
-    blocks = list(getattr(model, lmap.container).named_children())
-    has_embed = any(getattr(model, n) is not None for n in lmap.embed)
-    if has_embed and not blocks:
-        raise ConfigError(
-            "sequence parallelism needs a block in the stage that holds the embedding",
-            field="sequence_parallel",
-        )
-    for i, (key, block) in enumerate(blocks):
-        bname = f"{lmap.container}.{key}"
-        if i == 0 and has_embed:
-            roles[bname] = "enter"
-        for cname, child in block.named_children():
-            name = f"{bname}.{cname}"
-            if isinstance(child, nn.Dropout):
-                continue
-            if _is_norm(child) and not _tp_sharded(name, assignments):
-                roles[name] = "norm"
-            elif name in paired_parents:
-                roles[name] = "gather"
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = _as_dtensor(x, mesh)
+    want = to_placement(text)
+    if _same(x.placements[0], want):
+        return x
+    if parse_placement(text)[0] == "P":
+        # a whole value is a valid partial sum (the op adds it once: DTensor's own strategies
+        # do that conversion; users may not redistribute to Partial); a shard is gathered
+        # first, as the pricing's resharding rule does
+        from torch.distributed.tensor import Replicate
+
+        if not isinstance(x.placements[0], Replicate):
+            x = x.redistribute(mesh, [Replicate()])
+        return x
+    assert isinstance(x, DTensor)
+    return x.redistribute(mesh, [want])
+
+
+def run_op(
+    node: Any,
+    args: tuple,
+    kwargs: dict,
+    layout: OpPlacement | None,
+    mesh: Any,
+    stats: OpStats,
+    target: Any = None,
+) -> Any:
+    """Run one traced op on DTensors as ``layout`` says (see the module docstring);
+    ``target`` replaces the node's op (same values, e.g. ``reshape`` for ``view``)."""
+    from torch.distributed.tensor import DTensor
+
+    stats.ops += 1
+    target = node.target if target is None else target
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensor_pos = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    if layout is not None and len(layout.inputs) == len(tensor_pos):
+        for j, i in enumerate(tensor_pos):
+            leaves[i] = _to(leaves[i], mesh, layout.inputs[j])
+    else:
+        for i in tensor_pos:
+            leaves[i] = _as_dtensor(leaves[i], mesh)
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    if target in _LOCAL_ATTENTION:
+        out = _local_attention(target, args, kwargs, layout, mesh)
+        stats.local_ops += 1
+    else:
+        out = target(*args, **kwargs)
+    if layout is None:
+        return out
+    first = out[0] if isinstance(out, tuple | list) else out
+    if isinstance(first, DTensor):
+        want = to_placement(layout.output)
+        if not _same(first.placements[0], want):
+            stats.output_corrections += 1
+            stats.corrected.append(f"{node.name}: {first.placements[0]} -> {layout.output}")
+            first = first.redistribute(mesh, [want])
+            if isinstance(out, tuple | list):
+                out = type(out)([first, *out[1:]])
             else:
-                roles[name] = "gather_scatter"
-    if blocks or not has_embed:
-        for hname in lmap.head:
-            child = getattr(model, hname)
-            if child is None:
-                continue
-            if _is_norm(child) and not _tp_sharded(hname, assignments):
-                roles[hname] = "norm"
-                continue
-            roles[hname] = "exit"
-            break
-    return roles
+                out = first
+    return out
 
 
-def _tp_sharded(name: str, assignments: list[TPAssignment]) -> bool:
-    return any(a.module == name for a in assignments)
+def _local_attention(target: Any, args: tuple, kwargs: dict, layout: Any, mesh: Any) -> Any:
+    """Attention split over batch or heads: each device attends its own shard."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    q, k, v = args[:3]
+    placements = q.placements if isinstance(q, DTensor) else (Replicate(),)
+    for t in (k, v):
+        if isinstance(t, DTensor) and t.placements != placements:
+            raise ConfigError(
+                f"attention inputs are placed {placements} / {t.placements}: the plan must give "
+                "q, k and v the same split",
+                field="layouts",
+            )
+    rest = tuple(a.to_local() if isinstance(a, DTensor) else a for a in args[3:])
+    local = target(*(t.to_local() for t in (q, k, v)), *rest, **kwargs)
+    if isinstance(local, tuple):
+        return tuple(DTensor.from_local(t, mesh, placements, run_check=False) for t in local)
+    return DTensor.from_local(local, mesh, placements, run_check=False)
 
 
-def apply_tensor_parallel(
-    model: nn.Module,
-    *,
-    tp_mesh,
-    tp_of: Mapping[str, str],
-    sequence_parallel: bool = False,
-) -> list[TPAssignment]:
-    """Turn the planned tp placements into DTensor parameters on ``tp_mesh``, in place.
+def boundary_placement(shape: tuple[int, ...], *, sequence_parallel: bool, tp: int) -> str:
+    """How an activation crosses a pipeline stage boundary: whole, or split along its token
+    dim (dim 1 of a ``[batch, tokens, features]`` tensor) under sequence parallelism."""
+    if sequence_parallel and len(shape) >= 3 and shape[1] % tp == 0:
+        return "S(1)"
+    return "R"
 
-    With ``sequence_parallel`` the activations between tensor-parallel regions are also
-    sharded over tp on the sequence dim (see ``sequence_parallel_roles``). Returns the
-    assignments applied (the caller can log them or assert on them).
-    """
-    from torch.distributed.tensor import Replicate, distribute_module
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        PrepareModuleInputOutput,
-        RowwiseParallel,
-        SequenceParallel,
-        parallelize_module,
+
+def reduce_partial_grads(params: Mapping[str, torch.nn.Parameter]) -> int:
+    """All-reduce gradients left partial over tp to their parameter's placement; returns how
+    many (once per step, before the optimizer)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    n = 0
+    for p in params.values():
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(x, Partial) for x in g.placements):
+            assert isinstance(p, DTensor)
+            p.grad = g.redistribute(g.device_mesh, list(p.placements))
+            n += 1
+    return n
+
+
+def check_ops_supported(targets: list[Any], layouts: list[OpPlacement | None]) -> None:
+    """Refuse, before any collective, a plan that splits an op DTensor cannot run split."""
+    from torch.distributed.tensor import DTensor
+
+    prop = DTensor._op_dispatcher.sharding_propagator
+    known = (
+        set(prop.op_strategy_funcs)
+        | set(getattr(prop, "op_to_rules", {}))
+        | set(getattr(prop, "op_single_dim_strategy_funcs", {}))
     )
-
-    plan = tp_styles(model, tp_of=tp_of)
-    roles = sequence_parallel_roles(model, assignments=plan) if sequence_parallel else {}
-    styles = {}
-    for a in plan:
-        mod = model.get_submodule(a.module)
-        role = roles.get(a.module)
-        if role in ("gather_scatter", "exit"):
-            del roles[a.module]  # folded into the module's own TP style below
-        seq_in = role in ("gather_scatter", "exit")
-        seq_out = role == "gather_scatter"
-        parent_role = roles.get(a.module.rpartition(".")[0])
-        in_layout = SEQ_SHARD if seq_in else Replicate()
-        if a.style == DISTRIBUTE:
-            part, inp, outp = _distribute_style(
-                mod, dict(a.placements), seq_in=seq_in, seq_out=seq_out
-            )
-            distribute_module(mod, tp_mesh, part, input_fn=inp, output_fn=outp)
+    for target, layout in zip(targets, layouts):
+        if layout is None or target in _LOCAL_ATTENTION or target in known:
             continue
-        if isinstance(mod, nn.Embedding):
-            out = SEQ_SHARD if seq_out else Replicate()
-            styles[a.module] = (
-                RowwiseParallel(input_layouts=Replicate(), output_layouts=out)
-                if a.style == ROWWISE
-                else ColwiseParallel(input_layouts=Replicate(), output_layouts=out)
-            )
-        elif a.style == COLWISE:
-            out = Shard(-1) if a.sharded_io else SEQ_SHARD if seq_out else Replicate()
-            styles[a.module] = ColwiseParallel(input_layouts=in_layout, output_layouts=out)
-        else:
-            scatter = seq_out or (a.sharded_io and parent_role == "gather")
-            styles[a.module] = RowwiseParallel(
-                input_layouts=Shard(-1) if a.sharded_io else in_layout,
-                output_layouts=SEQ_SHARD if scatter else Replicate(),
-            )
-    for name, role in roles.items():
-        if role == "enter":
-            styles[name] = PrepareModuleInput(
-                input_layouts=(Replicate(),),
-                desired_input_layouts=(SEQ_SHARD,),
-                use_local_output=True,
-            )
-        elif role == "norm":
-            styles[name] = SequenceParallel(sequence_dim=1, use_local_output=True)
-        elif role in ("gather", "exit"):
-            styles[name] = PrepareModuleInput(
-                input_layouts=(SEQ_SHARD,),
-                desired_input_layouts=(Replicate(),),
-                use_local_output=True,
-            )
-        else:
-            styles[name] = PrepareModuleInputOutput(
-                input_layouts=(SEQ_SHARD,),
-                desired_input_layouts=(Replicate(),),
-                use_local_input=True,
-                output_layouts=(Replicate(),),
-                desired_output_layouts=(SEQ_SHARD,),
-                use_local_output=True,
-            )
-    if styles:
-        parallelize_module(model, tp_mesh, styles)
-    return plan
+        if not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
+            continue  # decomposes into ops DTensor knows
+        if all(p == "R" for p in (*layout.inputs, layout.output)):
+            continue
+        raise ConfigError(
+            f"the plan splits {target} over tp ({layout.inputs} -> {layout.output}) but "
+            "DTensor has no sharding strategy for it; re-run `autopar plan` with --tp 1, or "
+            "register one with torch.distributed.tensor's op strategy API",
+            field="layouts",
+        )

@@ -2,8 +2,10 @@
 
 A layer is everything issued under one entry of the model's block container (``layers.7``,
 ``model.layers.7``, ``encoder.layer.7``): the container is the ``<path>.<int>`` prefix that
-owns the most operator nodes. Ops before the first block form ``embed``, ops after the last
-form ``head``; root-level ops between two blocks go with the block before them.
+owns the most operator nodes, whatever it is called. A block layer is named by its real module
+path (the FQN a user sees in ``named_modules()``); ops before the first block form ``embed``,
+ops after the last form ``head``; root-level ops between two blocks go with the block before
+them. Names only label output: ``Layer.kind`` says what a layer is.
 
 Two layers are the same when their ops, shapes, dtypes and non-tensor arguments agree in order
 and their inputs are wired the same way; parameter names and module paths are compared relative
@@ -18,6 +20,7 @@ import hashlib
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
 import networkx as nx
 
@@ -33,7 +36,9 @@ class Layer:
     """A contiguous slice of the model: the embedding, one block, or the head."""
 
     name: str
-    """``"embed"``, ``"layers.<i>"`` (i counts blocks from 0 whatever the container) or ``"head"``."""
+    """``"embed"``, the block's module path (``"layers.3"``, ``"model.layers.3"``) or ``"head"``."""
+    kind: Literal["embed", "block", "head"]
+    """What the layer is: the search and the emitter read this, never the name."""
     index: int
     """Position in model order: embed is 0, block i is i + 1, head is last."""
     nodes: tuple[str, ...]
@@ -76,7 +81,7 @@ def _block_of(path: str, container: str) -> int | None:
 
 
 def group_layers(graph: OpGraph) -> list[Layer]:
-    """Layers in model order: ``embed``, ``layers.0`` .. ``layers.N-1``, ``head``.
+    """Layers in model order: ``embed``, one per block (named by its module path), ``head``.
 
     ``embed``/``head`` are omitted when empty (e.g. a pipeline stage without them). A model
     without a block container is one ``embed`` layer holding everything.
@@ -144,8 +149,8 @@ def group_layers(graph: OpGraph) -> list[Layer]:
             continue
         if key.startswith("block:"):
             b = int(key.split(":")[1])
-            n_blocks = sum(1 for _, _, p in planned if p)
-            name, path = f"layers.{n_blocks}", f"{container}.{b}" if container else str(b)
+            path = f"{container}.{b}" if container else str(b)
+            name = path
         else:
             name, path = key, ""
         planned.append((name, carry + names, path))
@@ -156,6 +161,12 @@ def group_layers(graph: OpGraph) -> list[Layer]:
         _make_layer(graph, name, i, names, path, rank)
         for i, (name, names, path) in enumerate(planned)
     ]
+
+
+def _kind(name: str, path: str) -> Literal["embed", "block", "head"]:
+    if path:
+        return "block"
+    return "head" if name == "head" else "embed"
 
 
 def _make_layer(
@@ -189,6 +200,7 @@ def _make_layer(
     output = (batched or live_out)[-1].name if live_out else marker_input
     return Layer(
         name=name,
+        kind=_kind(name, path),
         index=index,
         nodes=tuple(names),
         params=tuple(params),

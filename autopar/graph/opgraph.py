@@ -70,7 +70,11 @@ class OpNode:
     """One node of the graph: an aten op, or a graph input / parameter / buffer / output."""
 
     name: str
-    """Unique node name (the fx node name)."""
+    """Unique node name. For ``op`` nodes (and ``output``) the name of the fx node that produced
+    it in ``trace_program``'s graph module, so the two can be matched by name (the fx nodes
+    without an OpGraph node are listed in ``autopar/graph/trace.py``); ``param`` / ``buffer``
+    nodes are named by FQN and ``input`` nodes by forward argument, suffixed ``_1``... if that
+    name is taken."""
     kind: NodeKind
     op: str
     """Qualified aten overload, e.g. ``"aten.mm.default"``; ``"placeholder"`` / ``"output"`` otherwise."""

@@ -16,6 +16,21 @@ How the graph is obtained, and why:
 - The batch dim of every tensor is found by tracing twice, at batch ``b`` and ``b + 1``, and
   diffing shapes node by node; ``OpGraph.with_batch`` uses it to re-state the graph for any
   micro-batch without tracing again.
+
+The fx program itself is public (``trace_program`` -> ``TracedProgram``): the emitter executes
+it with real (DTensor) parameters, so the graph that was priced is the graph that runs.
+``trace()`` builds its OpGraph from that same program, and every OpGraph op node carries the
+name of the fx node that produced it. fx nodes without an OpGraph node of their own:
+
+- ``placeholder``: become ``param`` / ``buffer`` / ``input`` nodes named by FQN or argument
+  name (match them by position: ``TracedProgram.param_names``, ``buffer_names``, inputs);
+- ``operator.getitem``: folded into its producer (``OpNode.outputs[i]``);
+- ``aten.alias`` / ``aten.detach``: folded into their operand;
+- ``_assert*`` nodes without users (runtime checks, no tensor);
+- ``run_device = getattr(<tensor placeholder>, "device")`` (``DEVICE_NODE``), the device the
+  ops that create tensors use; OpNode arguments show the traced device in its place.
+
+The fx ``output`` node becomes the OpGraph node ``output``.
 """
 
 from __future__ import annotations
@@ -26,7 +41,8 @@ import inspect
 import operator
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import networkx as nx
 import torch
@@ -36,10 +52,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry
 
-from autopar.errors import TraceError
+from autopar.errors import ConfigError, TraceError
 from autopar.graph.opgraph import OpGraph, OpNode, TensorArg, TensorMeta, arg_leaves
 
-__all__ = ["trace", "MATMUL_OPS", "VIEW_OPS"]
+__all__ = [
+    "trace", "trace_program", "TracedProgram", "TracingMode", "DEVICE_NODE", "MATMUL_OPS",
+    "VIEW_OPS",
+]  # fmt: skip
 
 aten = torch.ops.aten
 
@@ -69,6 +88,62 @@ _SDPA_FWD_FORMULA = aten._scaled_dot_product_flash_attention
 _SDPA_BWD_FORMULA = aten._scaled_dot_product_flash_attention_backward
 
 
+TracingMode = Literal["fake", "real"]
+"""``fake``: fake tensors, no memory and no data (the default; models built on ``meta``).
+``real``: runs every op on the given tensors while recording (needs real parameters; lets ops
+without a fake kernel through; data-dependent Python control flow still cannot be recorded)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracedProgram:
+    """One forward pass of a model as an aten fx program that can be run with any parameters.
+
+    ``graph_module(*params, *buffers, *flat_inputs)`` returns the list of tensor leaves of what
+    the model returns; ``unflatten_output`` rebuilds the model's return value from them. Tensors
+    the forward creates (``arange``, ``zeros``...) are placed on the device of the first tensor
+    input (or, without one, of the first parameter) at run time, not on the device traced on.
+    Constants make_fx lifts into ``get_attr`` attributes stay on the traced device.
+    """
+
+    graph_module: torch.fx.GraphModule
+    """Placeholders in order: unique parameters, buffers, then the flattened inputs."""
+    param_names: tuple[tuple[str, ...], ...]
+    """Per unique parameter (``model.named_parameters()`` order), all its FQNs: tied parameters
+    (a shared embedding / LM head) have several."""
+    buffer_names: tuple[str, ...]
+    """Per buffer (``model.named_buffers()`` order), its FQN."""
+    input_spec: pytree.TreeSpec
+    """Tree of ``(args, kwargs)`` as traced: a tensor ``x`` is ``((x,), {})``, a tuple ``t`` is
+    ``(t, {})``, a dict ``d`` is ``((), d)``; ``flatten_inputs`` applies the same rule."""
+    output_spec: pytree.TreeSpec
+    """Tree of the model's return value (a tensor, a tuple, an HF ``ModelOutput``...)."""
+    output_is_tensor: tuple[bool, ...]
+    """Per output leaf, whether it is a tensor: the graph returns only those, in leaf order."""
+    output_constants: tuple[Any, ...] = ()
+    """Per output leaf, its traced value when it is not a tensor (None where it is one)."""
+
+    def flatten_inputs(self, example_inputs: Any) -> list[Any]:
+        """The graph's input placeholders for ``example_inputs`` (same normalisation as trace);
+        TraceError when their structure differs from the traced inputs'."""
+        args, kwargs = _normalise_inputs(None, example_inputs)
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.input_spec:
+            raise TraceError(
+                f"inputs are structured as {spec}, the program was traced with {self.input_spec}"
+            )
+        return flat
+
+    def unflatten_output(self, flat_tensors: Sequence[Any]) -> Any:
+        """The model's return value from the graph's outputs (``graph_module(...)``)."""
+        tensors = iter(flat_tensors)
+        constants = self.output_constants or (None,) * len(self.output_is_tensor)
+        leaves = [
+            next(tensors) if is_tensor else const
+            for is_tensor, const in zip(self.output_is_tensor, constants)
+        ]
+        return pytree.tree_unflatten(leaves, self.output_spec)
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any = None,
@@ -83,13 +158,39 @@ def trace(
     ``meta``. ``detect_batch`` traces a second time at batch + 1 to label each tensor's batch
     dim (needed by ``OpGraph.with_batch``); turn it off to halve the trace time.
 
+    Built from ``trace_program(model, example_inputs)``: op node names are its fx node names.
+    (At batch 1, where the fx graph can elide batch-sized no-ops, the graph may come from the
+    program at batch 2, re-stated for batch 1: ``metadata["program_batch_size"]`` says which.)
+
     Raises TraceError naming the op and module when the model cannot be traced (data-dependent
     control flow, an op without a fake/meta kernel).
     """
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     with _gc_paused():
         return _trace(model, example_inputs, name=name, detect_batch=detect_batch)
+
+
+def trace_program(
+    model: nn.Module, example_inputs: Any = None, *, tracing_mode: TracingMode = "fake"
+) -> TracedProgram:
+    """The fx program of one forward pass of ``model`` that ``trace()`` prices.
+
+    ``example_inputs`` as for ``trace``. Parameters, buffers and inputs are graph placeholders;
+    attention stays one ``aten.scaled_dot_product_attention`` node; the rest is core ATen.
+    """
+    _check_module(model)
+    if tracing_mode not in ("fake", "real"):
+        raise ConfigError(
+            f"unknown tracing_mode {tracing_mode!r}", field="tracing_mode", allowed=("fake", "real")
+        )
+    with _gc_paused():
+        args, kwargs = _normalise_inputs(model, example_inputs)
+        return _trace_program(model, args, kwargs, tracing_mode=tracing_mode)
+
+
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
 @contextlib.contextmanager
@@ -111,34 +212,42 @@ def _trace(
     start_s = time.perf_counter()
     args, kwargs = _normalise_inputs(model, example_inputs)
     batch = _batch_size(args, kwargs)
-    gm, meta = _trace_fx(model, args, kwargs)
+    program = _trace_program(model, args, kwargs)
     batch_dims: dict[int, tuple[int | None, ...]] | None = None
+    batch_arg_positions: dict[int, tuple[int, ...]] = {}
     traced_batch = batch
     if detect_batch and batch is not None:
         args2, kwargs2 = _grow_batch(model, example_inputs, args, kwargs, batch)
-        gm2, _ = _trace_fx(model, args2, kwargs2)
-        diff = _diff_batch_dims(gm, gm2)
+        program2 = _trace_program(model, args2, kwargs2)
+        diff = _diff_batch_dims(program.graph_module, program2.graph_module)
         if diff is None:
             # Batch 1 can elide no-op ops (an expand to the same shape); b+1 vs b+2 can be
             # compared, and that graph is then re-stated for batch b.
             args3, kwargs3 = _grow_batch(model, example_inputs, args2, kwargs2, batch + 1)
-            gm3, meta3 = _trace_fx(model, args3, kwargs3)
-            diff = _diff_batch_dims(gm2, gm3)
+            program3 = _trace_program(model, args3, kwargs3)
+            diff = _diff_batch_dims(program2.graph_module, program3.graph_module)
             if diff is not None:
-                gm = gm2
-                meta = {**meta3, "input_names": meta["input_names"]}
+                program = program2
                 traced_batch = batch + 1
         if diff is not None:
-            batch_dims, meta["batch_arg_positions"] = diff
-    graph = _build_graph(gm, meta, batch_dims=batch_dims)
+            batch_dims, batch_arg_positions = diff
+    input_names = _input_names(model, args, kwargs, program.input_spec.num_leaves)
+    graph, unpriced, batch_args = _build_graph(
+        program,
+        input_names=input_names,
+        param_requires_grad=[p.requires_grad for _, p in model.named_parameters()],
+        batch_dims=batch_dims,
+        batch_arg_positions=batch_arg_positions,
+    )
     cfg = getattr(model, "config", None)
     metadata: dict[str, Any] = {
         "model_class": type(model).__name__,
         "trace_time_s": time.perf_counter() - start_s,
         "batch_dims_known": batch_dims is not None,
-        "input_names": meta["input_names"],
-        "ops_without_flop_formula": sorted(meta["unpriced"]),
-        "batch_args": meta["batch_args"],
+        "input_names": input_names,
+        "ops_without_flop_formula": sorted(unpriced),
+        "batch_args": batch_args,
+        "program_batch_size": traced_batch,
     }
     if cfg is not None:
         metadata["config"] = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
@@ -154,7 +263,7 @@ def _trace(
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def _normalise_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+def _normalise_inputs(model: nn.Module | None, example_inputs: Any) -> tuple[tuple, dict]:
     if example_inputs is None:
         factory = getattr(model, "example_inputs", None)
         if not callable(factory):
@@ -277,7 +386,9 @@ def _decomposition_table() -> dict:
     return table
 
 
-def _trace_fx(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, dict]:
+def _trace_program(
+    model: nn.Module, args: tuple, kwargs: dict, *, tracing_mode: TracingMode = "fake"
+) -> TracedProgram:
     """make_fx over ``functional_call`` with parameters, buffers and inputs as placeholders."""
     named_params = list(model.named_parameters())
     named_buffers = list(model.named_buffers())
@@ -287,36 +398,100 @@ def _trace_fx(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Gra
     n_params, n_buffers = len(named_params), len(named_buffers)
     state_names = [n for n, _ in named_params] + [n for n, _ in named_buffers]
     flat_inputs, in_spec = pytree.tree_flatten((args, kwargs))
+    returned: list[tuple[list[Any], pytree.TreeSpec]] = []
 
     def run(*flat: Any) -> list[torch.Tensor]:
         state = dict(zip(state_names, flat[: n_params + n_buffers]))
         a, kw = pytree.tree_unflatten(list(flat[n_params + n_buffers :]), in_spec)
         out = torch.func.functional_call(model, state, a, kw)
-        return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        leaves, out_spec = pytree.tree_flatten(out)
+        returned.append((leaves, out_spec))
+        return [t for t in leaves if isinstance(t, torch.Tensor)]
 
     flat = [p for _, p in named_params] + [b for _, b in named_buffers] + flat_inputs
     with _module_paths(model) as live, _keep_fused_attention():
         try:
-            gm = make_fx(run, decomposition_table=_decomposition_table(), tracing_mode="fake")(
-                *flat
-            )
+            gm = make_fx(
+                run, decomposition_table=_decomposition_table(), tracing_mode=tracing_mode
+            )(*flat)
         except TraceError:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised as TraceError with context
             raise _explain(exc, module=live[-1] if live else "") from exc
 
     _check_static_shapes(gm)
-    input_names = _input_names(model, args, kwargs, len(flat_inputs))
-    meta = {
-        "param_names": [aliases[id(p)] for _, p in named_params],
-        "param_requires_grad": [p.requires_grad for _, p in named_params],
-        "buffer_names": [n for n, _ in named_buffers],
-        "input_names": input_names,
-        "unpriced": set(),
-        "batch_args": {},
-        "batch_arg_positions": {},
-    }
-    return gm, meta
+    _place_on_input_device(gm, n_state=n_params + n_buffers)
+    leaves, out_spec = returned[-1]
+    is_tensor = tuple(isinstance(t, torch.Tensor) for t in leaves)
+    return TracedProgram(
+        graph_module=gm,
+        param_names=tuple(tuple(aliases[id(p)]) for _, p in named_params),
+        buffer_names=tuple(n for n, _ in named_buffers),
+        input_spec=in_spec,
+        output_spec=out_spec,
+        output_is_tensor=is_tensor,
+        output_constants=tuple(None if t else leaf for t, leaf in zip(is_tensor, leaves)),
+    )
+
+
+DEVICE_NODE = "run_device"
+"""Name of the ``getattr(<tensor placeholder>, "device")`` node the ops that create tensors
+take their device from. It reads the first tensor input: a pipeline stage that runs a part of
+the program without that input binds this node to its local device instead."""
+
+
+def _is_device_node(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("device",)
+
+
+def _place_on_input_device(gm: torch.fx.GraphModule, *, n_state: int) -> None:
+    """Replace the traced device in ops' arguments (``arange(..., device=meta)``, a
+    ``_to_copy`` to it) by the device of a tensor placeholder read at run time, so the program
+    runs where its inputs are (each rank's GPU) whatever device it was traced on.
+
+    The tensor it reads: the first input tensor on the traced device, else the first parameter
+    or buffer (parameters can be DTensors; inputs are plain tensors on the local device).
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state_vals = [p.meta.get("val") for p in placeholders[:n_state]]
+    traced = next(
+        (v.device for v in [*state_vals, *(p.meta.get("val") for p in placeholders[n_state:])]
+         if isinstance(v, torch.Tensor)),
+        None,
+    )  # fmt: skip
+    if traced is None:
+        return
+
+    def is_traced_device(x: Any) -> bool:
+        return isinstance(x, torch.device) and x == traced
+
+    users = [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and any(is_traced_device(x) for x in arg_leaves((n.args, tuple(n.kwargs.values()))))
+    ]
+    if not users:
+        return
+    order = placeholders[n_state:] + placeholders[:n_state]
+    source = next(
+        p
+        for p in order
+        if isinstance(p.meta.get("val"), torch.Tensor) and p.meta["val"].device == traced
+    )
+    with gm.graph.inserting_after(placeholders[-1]):
+        device = gm.graph.create_node(
+            "call_function", getattr, (source, "device"), name=DEVICE_NODE
+        )
+    device.meta["val"] = traced
+
+    def swap(x: Any) -> Any:
+        return device if is_traced_device(x) else x
+
+    for n in users:
+        n.args = torch.fx.node.map_aggregate(n.args, swap)
+        n.kwargs = torch.fx.node.map_aggregate(n.kwargs, swap)
+    gm.recompile()
 
 
 def _check_static_shapes(gm: torch.fx.GraphModule) -> None:
@@ -477,22 +652,36 @@ def _is_cheap(target: Any) -> bool:
 
 
 def _build_graph(
-    gm: torch.fx.GraphModule, meta: dict, *, batch_dims: dict[int, tuple[int | None, ...]] | None
-) -> nx.DiGraph:
-    g = nx.DiGraph()
-    param_names: list[list[str]] = meta["param_names"]
-    param_grad: list[bool] = meta["param_requires_grad"]
-    buffer_names: list[str] = meta["buffer_names"]
-    input_names: list[str] = meta["input_names"]
-    n_params, n_buffers = len(param_names), len(buffer_names)
+    program: TracedProgram,
+    *,
+    input_names: list[str],
+    param_requires_grad: list[bool],
+    batch_dims: dict[int, tuple[int | None, ...]] | None,
+    batch_arg_positions: dict[int, tuple[int, ...]],
+) -> tuple[nx.DiGraph, set[str], dict[str, tuple[int, ...]]]:
+    """(graph, ops without a FLOP formula, batch-scaled scalar arguments per node name).
 
-    # per fx node: (graph node name or None, output metas, requires_grad, params it views)
+    Op nodes (and ``get_attr`` constants, and ``output``) are named exactly like their fx node;
+    placeholders take their FQN / argument name, made unique against those.
+    """
+    gm = program.graph_module
+    g = nx.DiGraph()
+    param_names = program.param_names
+    buffer_names = program.buffer_names
+    n_params, n_buffers = len(param_names), len(buffer_names)
+    unpriced: set[str] = set()
+    batch_args: dict[str, tuple[int, ...]] = {}
+
     produced: dict[torch.fx.Node, tuple[str, int]] = {}
     """fx node -> (OpGraph producer name, output index) after folding getitem/alias."""
+    constants: dict[torch.fx.Node, Any] = {}
+    """fx nodes that stand for a constant in OpNode arguments (the run-time device)."""
     metas: dict[str, list[TensorMeta | None]] = {}
     needs_grad: dict[str, bool] = {}
     param_view: dict[str, tuple[str, ...]] = {}
-    used_names: set[str] = set()
+    # fx names are unique in the fx graph: reserve them so a placeholder named after an FQN can
+    # never take the name of an op node
+    used_names: set[str] = {n.name for n in gm.graph.nodes if n.op != "placeholder"}
     rank = 0
     placeholder_i = 0
 
@@ -533,7 +722,7 @@ def _build_graph(
                 name = unique(fqns[0])
                 add(OpNode(name=name, kind="param", op="placeholder", outputs=out_metas(),
                            params=fqns, module_path=fqns[0].rpartition(".")[0]),
-                    grad=param_grad[i], views=fqns)  # fmt: skip
+                    grad=param_requires_grad[i], views=fqns)  # fmt: skip
             elif i < n_params + n_buffers:
                 fqn = buffer_names[i - n_params]
                 name = unique(fqn)
@@ -548,7 +737,7 @@ def _build_graph(
             produced[node] = (name, 0)
             continue
         if node.op == "get_attr":
-            name = unique(str(node.target))
+            name = node.name
             add(OpNode(name=name, kind="buffer", op="get_attr", outputs=out_metas(),
                        params=(str(node.target),)), grad=False)  # fmt: skip
             produced[node] = (name, 0)
@@ -556,7 +745,7 @@ def _build_graph(
         if node.op == "output":
             outs = [a for a in pytree.tree_leaves(node.args) if isinstance(a, torch.fx.Node)]
             inputs = [produced[a] for a in outs if a in produced]
-            name = unique("output")
+            name = node.name
             in_metas = tuple(metas[p][k] for p, k in inputs)
             add(OpNode(name=name, kind="output", op="output",
                        inputs=tuple(p for p, _ in inputs), input_metas=in_metas), grad=False)  # fmt: skip
@@ -573,6 +762,9 @@ def _build_graph(
         if target in _ALIAS_TARGETS and isinstance(node.args[0], torch.fx.Node):
             produced[node] = produced[node.args[0]]
             continue
+        if _is_device_node(node):
+            constants[node] = val
+            continue
         op_name = str(target)
         if getattr(target, "__name__", "").startswith(_ASSERT_PREFIX) and not node.users:
             continue
@@ -583,7 +775,7 @@ def _build_graph(
                 if x in produced:
                     acc.append(produced[x])
                     return TensorArg(len(acc) - 1)
-                return None
+                return constants.get(x)
             return x
 
         args = pytree.tree_map(strip, node.args)
@@ -600,9 +792,9 @@ def _build_graph(
         grad_operands = sum(needs_grad[p] for p, _ in matrix_operands)
         fwd, bwd, priced = _flops(node, grad_operands if grad else 0)
         if not priced and not _is_cheap(target):
-            meta["unpriced"].add(op_name)
+            unpriced.add(op_name)
         custom = node.meta.get("custom") or {}
-        name = unique(node.name)
+        name = node.name
         views = tuple(read) if op_name in VIEW_OPS and len(tensor_inputs) == 1 else ()
         add(
             OpNode(
@@ -624,12 +816,12 @@ def _build_graph(
             aligned=aligned,
         )
         produced[node] = (name, 0)
-        if pos in meta["batch_arg_positions"]:
-            meta["batch_args"][name] = meta["batch_arg_positions"][pos]
+        if pos in batch_arg_positions:
+            batch_args[name] = batch_arg_positions[pos]
         for idx, (p, k) in enumerate(tensor_inputs):
             if not g.has_edge(p, name):
                 g.add_edge(p, name, tensor=metas[p][k], index=idx)
-    return g
+    return g, unpriced, batch_args
 
 
 def _matrix_operands(target: Any, inputs: list[tuple[str, int]]) -> list[tuple[str, int]]:

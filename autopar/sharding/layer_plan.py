@@ -36,7 +36,7 @@ from autopar.sharding.problem import (
     build_problem,
     edge_collectives,
 )
-from autopar.sharding.rules import base_name, op_dims
+from autopar.sharding.rules import op_dims
 
 __all__ = ["LayerSharding", "CollectiveUse", "solve_layer", "graph_signature"]
 
@@ -111,10 +111,16 @@ def _make_pricing(
     memory_budget_bytes: float | None,
     param_memory_multiplier: float,
     replicated_param_axes: tuple[str, ...] = (),
+    collective_mesh: Any = None,
+    attention: str = "flash",
 ) -> Pricing:
+    """Prices on ``mesh``'s axes; collectives along an axis are priced on ``collective_mesh``
+    (default ``mesh``): a one-axis tp problem is priced with every tp group of the whole cluster
+    communicating at once, as in the step it stands for."""
     from autopar.cost.collectives import mesh_collective_time_s, volume_collective_time_s
-    from autopar.cost.compute import compute_time_s
     from autopar.cost.memory import saved_activation_bytes, saved_tensors
+    from autopar.cost.ops import op_time_s
+    from autopar.graph.ops import family
 
     names = tuple(str(n) for n in mesh.dim_names)
     shape = tuple(int(s) for s in mesh.shape)
@@ -122,11 +128,12 @@ def _make_pricing(
     dt = DTYPE_ALIASES.get(dtype, dtype)
 
     if topology_aware:
+        on = mesh if collective_mesh is None else collective_mesh
 
         def coll(kind: str, nbytes: float, axis: int) -> float:
             if shape[axis] == 1 or nbytes <= 0:
                 return 0.0
-            return mesh_collective_time_s(kind, nbytes, mesh, names[axis], cluster)
+            return mesh_collective_time_s(kind, nbytes, on, names[axis], cluster)
     else:
 
         def coll(kind: str, nbytes: float, axis: int) -> float:
@@ -134,18 +141,27 @@ def _make_pricing(
                 return 0.0
             return volume_collective_time_s(kind, nbytes, shape[axis], cluster)
 
-    def compute(node: OpNode, div: int, phase: str) -> float:
-        flops = node.fwd_flops if phase == "fwd" else node.bwd_flops
-        nbytes = sum(m.nbytes for m in node.input_metas) + sum(m.nbytes for m in node.outputs)
-        if phase == "bwd":
-            nbytes *= 2  # read the saved inputs and the output gradient, write input gradients
-        return compute_time_s(
-            flops=flops / div,
-            bytes_moved=nbytes / div,
+    def compute(node: OpNode, st: Any, phase: str) -> float:
+        return op_time_s(
+            node,
+            input_shapes=[
+                _local(m.shape, sp, shape) for m, sp in zip(node.input_metas, st.input_specs)
+            ],
+            output_shapes=[
+                _local(m.shape, sp, shape) for m, sp in zip(node.outputs, st.output_specs)
+            ],
+            divisor=st.compute_divisor,
+            phase=phase,
             device=device,
             dtype=dt,
-            matmul_dims=_matmul_dims(node, div),
+            attention=attention,
         )
+
+    def saved(node: OpNode) -> tuple[tuple[str, float], ...]:
+        base = tuple((t.key, t.nbytes) for t in saved_tensors(node))
+        if attention == "unfused" and family(node.op) == "attention":
+            return base + _unfused_scores(node)
+        return base
 
     return Pricing(
         mesh_shape=shape,
@@ -153,7 +169,7 @@ def _make_pricing(
         collective_s=coll,
         compute_s=compute,
         saved_bytes=saved_activation_bytes,
-        saved_tensors=lambda node: tuple((t.key, t.nbytes) for t in saved_tensors(node)),
+        saved_tensors=saved,
         grad_sync_weight=grad_sync_weight,
         param_memory_multiplier=param_memory_multiplier,
         memory_budget_bytes=memory_budget_bytes,
@@ -161,48 +177,29 @@ def _make_pricing(
     )
 
 
-def _matmul_dims(node: OpNode, div: int) -> tuple[int, ...] | None:
-    """(m, n, k) of a matmul's local shard, so small local matmuls get their lower efficiency.
+def _local(shape: tuple[int, ...], spec: Any, mesh_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A tensor's shape as one device holds it under ``spec``."""
+    from autopar.sharding.placements import Shard
 
-    Fused attention is two batched GEMMs on tensor cores, (batch·heads, s_q, s_k, head dim);
-    the divisor splits its batch·heads (the strategies split batch, heads or queries, which
-    all shrink the GEMM batch the same way for the efficiency curve).
-    """
-    name = base_name(node.op)
-    if name in _ATTENTION_OPS:
-        if len(node.input_metas) < 2 or len(node.input_metas[0].shape) < 3:
-            return None
-        q, k = node.input_metas[0].shape, node.input_metas[1].shape
-        batch = 1
-        for d in q[:-2]:
-            batch *= d
-        return (max(1, batch // div), max(1, q[-2]), max(1, k[-2]), max(1, q[-1]))
-    if name not in ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear") or not node.outputs:
-        return None
-    metas = node.input_metas[1:] if name in ("addmm", "baddbmm") else node.input_metas
-    if len(metas) < 2 or len(metas[0].shape) < 1 or not node.outputs[0].shape:
-        return None
-    k = metas[0].shape[-1]
-    out = node.outputs[0].shape
-    m = 1
-    for d in out[:-1]:
-        m *= d
-    n = out[-1]
-    # the divisor splits one of the three; attribute it to the largest for a fair efficiency
-    dims = [m, n, k]
-    big = max(range(3), key=lambda i: dims[i])
-    dims[big] = max(1, dims[big] // div)
-    return (dims[0], dims[1], dims[2])
+    out = list(shape)
+    for p, n in zip(spec, mesh_shape):
+        if isinstance(p, Shard) and p.dim < len(out):
+            out[p.dim] = max(1, out[p.dim] // n)
+    return tuple(out)
 
 
-_ATTENTION_OPS = frozenset(
-    {
-        "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math",
-        "_flash_attention_forward", "_efficient_attention_forward",
-    }
-)  # fmt: skip
+def _unfused_scores(node: OpNode) -> tuple[tuple[str, float], ...]:
+    """What unfused attention keeps for backward besides q, k, v: the softmax output, and with
+    dropout its 1-byte mask and its output (Korthikanti et al.: 5 bytes per score in 16 bit)."""
+    q, k = node.input_metas[0], node.input_metas[1]
+    scores = 1
+    for d in q.shape[:-1]:
+        scores *= d
+    scores *= k.shape[-2]
+    item = q.itemsize
+    dropout = float(node.args[4]) if len(node.args) > 4 and node.args[4] else 0.0
+    total = item * scores + ((1 + item) * scores if dropout > 0 else 0)
+    return ((f"{node.name}:scores", float(total)),)
 
 
 # -- reading a solution back ----------------------------------------------------------------------
@@ -354,14 +351,14 @@ def solve_layer(
 
     ``graph`` is one layer at the batch the mesh processes (the search passes
     ``graph.with_batch(micro_batch_size * dp)``); float32 tensors in it are priced in ``dtype``
-    (zoo models trace in fp32, training runs in bf16: ``_costing.in_training_dtype``); ``mesh`` a LogicalMesh of one or two axes whose
+    (zoo models trace in fp32, training runs in bf16: ``graph.prepare.in_training_dtype``); ``mesh`` a LogicalMesh of one or two axes whose
     ranks lie on ``cluster``. ``grad_sync_weight`` (1/microbatches) weighs the once-per-step
     gradient all-reduce against per-microbatch time. ``memory_budget_bytes`` bounds
     ``param_bytes x param_memory_multiplier + activation_bytes`` per device; when no layout fits
     an InfeasibleError says by how much. ``replicated_param_axes`` names mesh axes on which
     parameters must be stored whole: the search passes ``("dp",)`` and applies ZeRO itself.
     """
-    from autopar.solver._costing import in_training_dtype
+    from autopar.graph.prepare import in_training_dtype
 
     graph = in_training_dtype(graph, dtype)  # fp32-traced bytes priced at the training dtype
     sig = graph_signature(graph)
@@ -463,3 +460,315 @@ def _solve_cached(
         **parts,
     )
     return result, _name_order(graph)
+
+
+# -- the search's entry: choose once per (structure, tp, boundary), price per micro-batch --------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerChoice:
+    """The ILP's choice for one layer structure on a tp axis: a strategy name per decision."""
+
+    select: dict[str, str]
+    """Node name -> chosen strategy name, for every decision op, parameter and input (the
+    followers follow). ``build_problem(select=...)`` re-prices it at any batch."""
+    sequence_parallel: bool
+    """Whether the layer's boundary activations are token-split over tp."""
+    status: str
+    gap: float
+    objective_s: float
+    solve_time_s: float
+    num_decisions: int
+    unsupported_ops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpLayout:
+    """Where one op runs on the tp axis, in DTensor short form (what the emitter applies)."""
+
+    node: str
+    op: str
+    inputs: tuple[str, ...]
+    """Placement of each tensor input (``OpNode.inputs`` order) as the op consumes it."""
+    output: str
+    """Placement of the op's first output as produced."""
+    core: bool = False
+    """Part of the attention core (re-run by selective recompute)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LayerPrice:
+    """What one layer costs on one device of a tp group, per microbatch, for one choice."""
+
+    fwd_s: float
+    bwd_s: float
+    comm_fwd_s: float
+    """Tensor-parallel collectives and resharding on the forward critical path."""
+    comm_bwd_s: float
+    grad_sync_s: float
+    """Gradient all-reduces over tp of parameters left partial there, once per step."""
+    param_numel: float
+    """Parameters one device holds after the tp split (owned ones only: a tied weight counts
+    once, with the layer that owns it)."""
+    activation_bytes: float
+    """Bytes saved for backward per microbatch per device."""
+    input_bytes: float
+    """The layer's batched inputs at the boundary layout (what full recompute keeps)."""
+    output_bytes: float
+    """The batched activation leaving the layer at the boundary layout (a pipeline send)."""
+    core_fwd_s: float
+    """Forward time of the attention core (what selective recompute re-runs)."""
+    core_activation_bytes: float
+    """Saved bytes the attention core makes (what selective recompute drops)."""
+    fwd_flops: float
+    bwd_flops: float
+    placements: dict[str, str]
+    """Parameter FQN (as named in the layer graph) -> tp placement string."""
+    layouts: tuple[OpLayout, ...]
+    unsupported_ops: tuple[str, ...] = ()
+    splits: bool = False
+    """Does tp split any op's work (a compute divisor above 1)?"""
+
+
+def _tp_pricing(*, tp: int, world: int, cluster: Any, dtype: str, grad_sync_weight: float,
+                memory_budget_bytes: float | None = None, param_memory_multiplier: float = 1.0,
+                attention: str = "flash") -> Pricing:  # fmt: skip
+    """Pricing on a one-axis tp mesh whose groups are laid out as the innermost axis of
+    ``world`` devices (every tp group of the cluster communicating at once)."""
+    from autopar.topology.mesh import LogicalMesh
+
+    return _make_pricing(
+        mesh=LogicalMesh((tp,), ("tp",)),
+        collective_mesh=LogicalMesh((max(1, world // tp), tp), ("dp", "tp")),
+        cluster=cluster,
+        dtype=dtype,
+        grad_sync_weight=grad_sync_weight,
+        topology_aware=True,
+        memory_budget_bytes=memory_budget_bytes,
+        param_memory_multiplier=param_memory_multiplier,
+        attention=attention,
+    )
+
+
+def choose_layer(
+    graph: OpGraph,
+    *,
+    tp: int,
+    world: int,
+    cluster: Any,
+    dtype: str,
+    sequence_parallel: bool,
+    grad_sync_weight: float = 1.0,
+    time_limit_s: float = 10.0,
+    pinned: tuple[tuple[str, str], ...] = (),
+    lean: bool = False,
+    param_memory_multiplier: float = 1.0,
+    attention: str = "flash",
+) -> LayerChoice:
+    """Solve the intra-op ILP of one layer on a ``tp`` axis (its groups laid out as the
+    innermost axis of ``world`` devices), boundaries whole or token-split over tp.
+
+    ``pinned`` fixes some nodes' strategies (a tied weight keeps the layout its owner layer
+    gave it). ``lean`` asks for the fastest plan among those using the least memory
+    (weights x ``param_memory_multiplier`` + saved activations): the least memory is found
+    first, then CP-SAT solves the problem with that memory row as its budget. The search uses
+    it when the time-optimal choice does not fit. Cached on the layer's structure and the
+    arguments.
+    """
+    # cached on structure: identical layers of another model (other names) share the answer,
+    # so strategies are keyed by node position in the cache and named per caller here
+    order = [n.name for n in graph if n.kind != "output"]
+    position = {name: i for i, name in enumerate(order)}
+    result = _choose_cached(
+        _ByKey(graph_signature(graph), graph),
+        int(tp),
+        int(world),
+        _ByKey(_cluster_key(cluster), cluster),
+        str(dtype),
+        bool(sequence_parallel),
+        float(grad_sync_weight),
+        float(time_limit_s),
+        tuple(sorted((position[n], st) for n, st in pinned)),
+        bool(lean),
+        float(param_memory_multiplier),
+        str(attention),
+    )
+    return replace(result, select={order[int(i)]: st for i, st in result.select.items()})
+
+
+LEAN_SLACK = 0.02
+"""Memory slack over the least memory within which the lean choice minimises time: enough
+that a few-kilobyte norm or bias is not sharded (and gathered every use) to save 0.1 %."""
+
+
+@functools.lru_cache(maxsize=2048)
+def _choose_cached(
+    graph_k: _ByKey,
+    tp: int,
+    world: int,
+    cluster_k: _ByKey,
+    dtype: str,
+    sequence_parallel: bool,
+    grad_sync_weight: float,
+    time_limit_s: float,
+    pinned: tuple[tuple[int, str], ...],
+    lean: bool,
+    param_memory_multiplier: float,
+    attention: str,
+) -> LayerChoice:
+    """``choose_layer`` on the first graph of its structure; ``select`` keyed by position."""
+    from dataclasses import replace as dc_replace
+
+    from autopar.solver.intra_op import solve_intra_op
+
+    graph: OpGraph = graph_k.obj  # type: ignore[assignment]
+    t0 = time.perf_counter()
+    pricing = _tp_pricing(
+        tp=tp, world=world, cluster=cluster_k.obj, dtype=dtype,
+        grad_sync_weight=grad_sync_weight, param_memory_multiplier=param_memory_multiplier,
+        attention=attention,
+    )  # fmt: skip
+    order = [n.name for n in graph if n.kind != "output"]
+    bp = build_problem(
+        graph,
+        pricing,
+        select={order[i]: st for i, st in pinned} or None,
+        sequence_parallel=sequence_parallel,
+    )
+    problem = bp.problem
+    if lean:
+        # least memory first (memory as the only cost: exact by elimination), then the fastest
+        # plan within it (CP-SAT with the memory row)
+        least = dc_replace(
+            problem,
+            node_costs=problem.memory_bytes,
+            edges=(),
+            edge_costs=(),
+            shared_costs=(),
+            shared_members=(),
+        )
+        floor = solve_intra_op(least, time_limit_s=time_limit_s).objective_s
+        problem = dc_replace(problem, memory_budget_bytes=floor * (1.0 + LEAN_SLACK) + 1.0)
+    sol = solve_intra_op(problem, time_limit_s=time_limit_s)
+    position = {name: i for i, name in enumerate(order)}
+    select = {
+        position[n.name]: bp.strategies[i][sol.choice[i]].name
+        for i, n in enumerate(bp.nodes)
+        if bp.problem.follows[i] < 0
+    }
+    return LayerChoice(
+        select=select,  # type: ignore[arg-type]  # positions here, names once returned
+        sequence_parallel=sequence_parallel,
+        status=sol.status,
+        gap=float(sol.gap or 0.0),
+        objective_s=float(sol.objective_s),
+        solve_time_s=time.perf_counter() - t0,
+        num_decisions=sol.num_groups,
+        unsupported_ops=tuple(bp.problem.unsupported_ops),
+    )
+
+
+def price_layer(
+    graph: OpGraph,
+    choice: LayerChoice,
+    *,
+    tp: int,
+    world: int,
+    cluster: Any,
+    dtype: str,
+    owned_params: frozenset[str] | None = None,
+    attention: str = "flash",
+) -> LayerPrice:
+    """Price ``choice`` on ``graph`` (the layer at the micro-batch being priced).
+
+    Builds the problem with one strategy per node (``build_problem(select=...)``) and reads
+    its costs: compute per op at its local shard, collectives and resharding per phase, saved
+    activations at their layouts, the attention core's share (``graph.regions``), the
+    per-op layouts the emitter applies. Raises ``KeyError`` when the choice cannot be formed at
+    this graph's shapes (a split that no longer divides).
+    """
+    from autopar.graph.regions import attention_core
+    from autopar.sharding.placements import local_numel_fraction
+    from autopar.sharding.problem import boundary_spec
+
+    pricing = _tp_pricing(
+        tp=tp, world=world, cluster=cluster, dtype=dtype, grad_sync_weight=1.0, attention=attention
+    )
+    bp = build_problem(
+        graph, pricing, select=choice.select, sequence_parallel=choice.sequence_parallel
+    )
+    zeros = tuple(0 for _ in bp.nodes)
+    parts = _breakdown(bp, zeros, pricing)
+    core = attention_core(graph)
+    shape = pricing.mesh_shape
+    core_fwd = core_act = 0.0
+    numel = fwd_flops = bwd_flops = 0.0
+    placements: dict[str, str] = {}
+    layouts: list[OpLayout] = []
+    splits = False
+    for i, node in enumerate(bp.nodes):
+        st = bp.strategies[i][0]
+        if node.kind == "param":
+            fqn = node.params[0] if node.params else node.name
+            placements[fqn] = spec_strings(st.output_specs[0])[0]
+            if (owned_params is None or fqn in owned_params) and node.output is not None:
+                numel += node.output.numel * local_numel_fraction(st.output_specs[0], shape)
+            continue
+        if node.kind != "op":
+            continue
+        if st.compute_divisor > 1 and (node.fwd_flops > 0 or node.outputs):
+            splits = True
+        fwd_flops += node.fwd_flops / st.compute_divisor
+        bwd_flops += node.bwd_flops / st.compute_divisor
+        is_core = node.name in core
+        if is_core:
+            core_fwd += float(bp.fwd_compute_s[i][0])
+            core_act += float(bp.activation_bytes[i][0])
+        layouts.append(
+            OpLayout(
+                node=node.name,
+                op=node.op,
+                inputs=tuple(spec_strings(sp)[0] for sp in st.input_specs),
+                output=spec_strings(st.output_specs[0])[0] if st.output_specs else "R",
+                core=is_core,
+            )
+        )
+
+    def boundary_bytes(metas: list[Any]) -> float:
+        total = 0.0
+        for m in metas:
+            if m is None or m.batch_dim is None or not m.dtype.startswith(("float", "bfloat")):
+                continue
+            spec = boundary_spec(m, pricing, sequence_parallel=choice.sequence_parallel)
+            total += m.nbytes * local_numel_fraction(spec, shape)
+        return total
+
+    inputs = [n.output for n in graph if n.kind == "input"]
+    outputs: list[Any] = []
+    for n in graph:
+        if n.kind == "output":
+            outputs += [
+                m
+                for src, m in zip(n.inputs, n.input_metas)
+                if src not in graph or graph.node(src).kind not in ("param", "buffer")
+            ]
+    # what crosses a stage boundary: the last batched activation (the hidden state), not every
+    # tensor the layer hands on
+    batched = [m for m in outputs if m is not None and m.batch_dim is not None]
+    return LayerPrice(
+        fwd_s=float(parts["fwd_compute_s"]),
+        bwd_s=float(parts["bwd_compute_s"]),
+        comm_fwd_s=float(parts["comm_fwd_s"]),
+        comm_bwd_s=float(parts["comm_bwd_s"]),
+        grad_sync_s=float(parts["grad_sync_s"]),
+        param_numel=numel,
+        activation_bytes=float(parts["activation_bytes"]),
+        input_bytes=boundary_bytes(inputs),
+        output_bytes=boundary_bytes(batched[-1:]),
+        core_fwd_s=core_fwd,
+        core_activation_bytes=core_act,
+        fwd_flops=fwd_flops,
+        bwd_flops=bwd_flops,
+        placements=placements,
+        layouts=tuple(layouts),
+        unsupported_ops=tuple(bp.problem.unsupported_ops),
+        splits=splits,
+    )

@@ -27,7 +27,7 @@ lists (the indices of one solution can be re-priced with the other).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -69,8 +69,9 @@ class Pricing:
     axis_names: tuple[str, ...]
     collective_s: Callable[[str, float, int], float]
     """(kind, nbytes per device, mesh axis index) -> seconds, all groups of the axis at once."""
-    compute_s: Callable[[OpNode, int, Literal["fwd", "bwd"]], float]
-    """(node, compute divisor, phase) -> seconds for the local shard of the op."""
+    compute_s: Callable[[OpNode, Strategy, Literal["fwd", "bwd"]], float]
+    """(node, strategy, phase) -> seconds for the local shard of the op (the strategy's input
+    and output specs say which dims are split, so local GEMM shapes are exact)."""
     saved_bytes: Callable[[OpNode], float]
     """Bytes the op keeps for backward when unsharded (used when ``saved_tensors`` is None)."""
     saved_tensors: Callable[[OpNode], Sequence[tuple[str, float]]] | None = None
@@ -143,12 +144,34 @@ def _price(colls: tuple[Collective, ...], pricing: Pricing) -> tuple[float, floa
     return mb, step
 
 
-def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
-    """OpGraph x rules x pricing -> the frozen ILP data (see the module docstring)."""
+def build_problem(
+    graph: OpGraph,
+    pricing: Pricing,
+    *,
+    select: Mapping[str, str] | None = None,
+    sequence_parallel: bool | None = None,
+) -> BuiltProblem:
+    """OpGraph x rules x pricing -> the frozen ILP data (see the module docstring).
+
+    ``select`` keeps only the named strategy of the listed nodes (decision ops, parameters,
+    inputs; followers follow): the problem then prices one assignment, which is how a solved
+    layer is re-priced at another micro-batch size. A listed strategy that does not exist at
+    this graph's shapes raises ``KeyError`` (the choice cannot be applied here).
+
+    ``sequence_parallel`` fixes the layout of the layer's activations at its boundaries on a
+    ``tp`` axis: False keeps them whole (replicated), True splits them along the token dim
+    (Megatron's sequence parallelism, ``boundary_spec``); the block's own input is pinned to
+    it, the wrap-around edge prices its output's way back. None leaves a repeated block's input
+    free (the ILP chooses) and pins other layers to ``canonical_spec``.
+    """
     mesh_shape = pricing.mesh_shape
     nd = len(mesh_shape)
     nodes = [n for n in graph if n.kind != "output"]
     index = {n.name: i for i, n in enumerate(nodes)}
+    if select is not None:
+        unknown = [n for n in select if n not in index]
+        if unknown:
+            raise KeyError(f"select names nodes this graph does not have: {unknown[:3]}")
     requires_grad: list[bool] = []
     param_derived: list[bool] = []
     strategies: list[tuple[Strategy, ...]] = []
@@ -156,6 +179,16 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
     unsupported: list[str] = []
     dims_of: list[OpDims | None] = []
     params: dict[str, int] = {}
+
+    # a repeated block's input arrives in the boundary layout when sequence_parallel is set
+    pinned_inputs: dict[int, Spec] = {}
+    acts0 = [i for i, n in enumerate(nodes) if n.kind == "input" and _is_float(n.output)]
+    outs0 = [n for n in graph if n.kind == "output"]
+    if sequence_parallel is not None and _wraps(nodes, index, acts0, outs0):
+        a = acts0[0]
+        pinned_inputs[a] = boundary_spec(
+            nodes[a].output, pricing, sequence_parallel=sequence_parallel
+        )
 
     for i, node in enumerate(nodes):
         ins = [index.get(p, -1) for p in node.inputs]
@@ -179,6 +212,8 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         if node.kind in ("param", "input", "buffer"):
             meta = node.output
             specs = tensor_strategies(meta, mesh_shape) if meta is not None else [replicated(nd)]
+            if i in pinned_inputs:
+                specs = [sp for sp in specs if sp == pinned_inputs[i]] or specs
             if node.kind == "param" and pricing.replicated_param_axes:
                 specs = [
                     sp
@@ -224,10 +259,17 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
                     axis_names=pricing.axis_names,
                 )
             )
+        if select is not None and follow < 0 and node.name in select:
+            want = select[node.name]
+            strats = tuple(st for st in strats if st.name == want)[:1]
+            if not strats:
+                raise KeyError(f"{node.name}: strategy {want!r} does not exist at these shapes")
         strategies.append(strats)
         follows.append(follow)
 
-    _pin_boundaries(graph, nodes, index, strategies, requires_grad, pricing)
+    _pin_boundaries(
+        graph, nodes, index, strategies, requires_grad, pricing, sequence_parallel=sequence_parallel
+    )
 
     # -- node costs ----------------------------------------------------------------------------
     fwd_c, bwd_c, comm, gsync, pbytes, abytes, costs, mems = [], [], [], [], [], [], [], []
@@ -250,12 +292,8 @@ def build_problem(graph: OpGraph, pricing: Pricing) -> BuiltProblem:
         memo_s: dict[Strategy, tuple[float, ...]] = {}
         for s, st in enumerate(strategies[i]):
             if st not in memo_s:
-                fs = pricing.compute_s(node, st.compute_divisor, "fwd") if moves else 0.0
-                bs = (
-                    pricing.compute_s(node, st.compute_divisor, "bwd")
-                    if moves and requires_grad[i]
-                    else 0.0
-                )
+                fs = pricing.compute_s(node, st, "fwd") if moves else 0.0
+                bs = pricing.compute_s(node, st, "bwd") if moves and requires_grad[i] else 0.0
                 own = tuple(
                     c for c in st.collectives if _shared_key(c, ins, nodes, node, view_src) is None
                 )
@@ -527,11 +565,28 @@ def _saved_fraction(
 
 def canonical_spec(meta: TensorMeta, pricing: Pricing) -> Spec:
     """The layout activations have between layers: batch split over ``dp``, whole elsewhere."""
+    return boundary_spec(meta, pricing, sequence_parallel=False)
+
+
+def token_dim(meta: TensorMeta) -> int | None:
+    """The dim of an activation that runs over tokens: the one after the batch dim, for
+    ``[batch, tokens, features...]`` tensors (at least three dims); None otherwise."""
+    b = meta.batch_dim if meta.batch_dim is not None else 0
+    d = b + 1
+    return d if len(meta.shape) >= 3 and d < len(meta.shape) - 1 else None
+
+
+def boundary_spec(meta: TensorMeta, pricing: Pricing, *, sequence_parallel: bool) -> Spec:
+    """Layout of an activation between layers: batch split over ``dp``; over ``tp`` whole, or
+    split along its token dim under sequence parallelism (when it divides evenly)."""
     out = []
     for name, size in zip(pricing.axis_names, pricing.mesh_shape):
         b = meta.batch_dim
+        t = token_dim(meta)
         if name == "dp" and size > 1 and b is not None and b < len(meta.shape):
             out.append(Shard(b) if meta.shape[b] % size == 0 else REPLICATE)
+        elif name == "tp" and sequence_parallel and size > 1 and t is not None:
+            out.append(Shard(t) if meta.shape[t] % size == 0 else REPLICATE)
         else:
             out.append(REPLICATE)
     return tuple(out)
@@ -544,6 +599,8 @@ def _pin_boundaries(
     strategies: list[tuple[Strategy, ...]],
     requires_grad: list[bool],
     pricing: Pricing,
+    *,
+    sequence_parallel: bool | None = None,
 ) -> None:
     """Layers that are not a repeated block meet their neighbours in the canonical layout.
 
@@ -557,12 +614,13 @@ def _pin_boundaries(
     """
     acts = [i for i, n in enumerate(nodes) if n.kind == "input" and _is_float(n.output)]
     outs = [n for n in graph if n.kind == "output"]
+    sp = bool(sequence_parallel)
     if _wraps(nodes, index, acts, outs):
-        return
+        return  # the block's input was pinned when its strategies were made (build_problem)
     shapes = {nodes[i].output.shape for i in acts}
     for i in acts:
         meta = nodes[i].output
-        canon = canonical_spec(meta, pricing)
+        canon = boundary_spec(meta, pricing, sequence_parallel=sp)
         strategies[i] = tuple(
             replace(
                 st,
@@ -583,7 +641,7 @@ def _pin_boundaries(
             meta = out.input_metas[j] if j < len(out.input_metas) else None
             if u < 0 or not _is_float(meta) or (acts and meta.shape not in shapes):
                 continue
-            canon = canonical_spec(meta, pricing)
+            canon = boundary_spec(meta, pricing, sequence_parallel=sp)
             k = _output_index(nodes[u], out, j)
             strategies[u] = tuple(
                 replace(

@@ -265,12 +265,16 @@ def _embedding(node: OpNode) -> OpDims:
 
 
 def _sdpa(node: OpNode) -> OpDims:
-    """Attention q[b,h,sq,e], k/v[b,h,sk,e] -> out[b,h,sq,e]: split batch, heads or queries."""
+    """Attention q[b,h,sq,e], k/v[b,h,sk,e] -> out[b,h,sq,e]: split batch, heads or (not causal)
+    queries."""
     metas = node.input_metas
     q = metas[0].shape
     lead = _labels("b", len(q) - 3)
     q_l = (*lead, "h", "sq", "e")
-    kv_h = "h" if len(metas) > 1 and metas[1].shape[-3] == q[-3] else None
+    # grouped-query attention: query head i reads key/value head i // (Hq / Hkv), so a split of
+    # the query heads into contiguous groups matches the same split of the key/value heads
+    kv = metas[1].shape[-3] if len(metas) > 1 and len(metas[1].shape) >= 3 else None
+    kv_h = "h" if kv is not None and kv > 0 and q[-3] % kv == 0 else None
     k_l = (*lead, kv_h, "sk", "e")
     v_l = (*lead, kv_h, "sk", "ev")
     ins: list[tuple[str | None, ...]] = [q_l, k_l, v_l][: min(3, len(metas))]
@@ -283,10 +287,14 @@ def _sdpa(node: OpNode) -> OpDims:
     known = {full: out_labels, tuple(q[:-1]): (*lead, "h", "sq")}
     if out != full:
         known[out] = (None,) * len(out)
+    causal = bool(_arg(node, 5, _kwarg(node, "is_causal", False)))
+    # a causal mask is relative to each query's position: a device holding a slice of the
+    # queries would need the offset of its slice, which the kernel does not take
+    queries = () if causal else ("sq",)
     return OpDims(
         inputs=tuple(ins),
         outputs=_extra_outputs(node, known),
-        splittable=frozenset((*lead, "h", "sq")),
+        splittable=frozenset((*lead, "h", *queries)),
     )
 
 

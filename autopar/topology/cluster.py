@@ -23,6 +23,9 @@ hierarchical collective crosses:
 A calibration profile, when present, replaces the datasheet x achieved-fraction price of a level
 with the measured one. Analyses are cached per group signature on the Cluster instance (a pure
 function of the frozen cluster and the group).
+
+The Cluster is data: it never prices work. Collective and compute prices are asked of
+:mod:`autopar.cost` (``autopar.cost.describe.describe_cluster`` prints both for a cluster).
 """
 
 from __future__ import annotations
@@ -260,6 +263,14 @@ class Cluster:
             raise ConfigError(
                 "all host groups must have the same device kind and devices_per_host "
                 f"(got {sorted(dev)} / {sorted(dph)})",
+                file=self.file,
+                field="host_groups",
+            )
+        cals = {h.group.device.compute_calibration for h in self.hosts}
+        if len({h.group.device for h in self.hosts}) != 1:
+            raise ConfigError(
+                "all host groups must price their devices alike: same device profile and the "
+                f"same compute calibration (got {sorted(cals)})",
                 file=self.file,
                 field="host_groups",
             )
@@ -541,17 +552,24 @@ class Cluster:
 
     # -- text ----------------------------------------------------------------------------------
     def describe(self) -> str:
-        """Hosts, devices, links and the priced cost of a 1 GiB all-reduce over typical groups."""
-        from autopar.cost.collectives import collective_time_s, volume_collective_time_s
+        """Hosts, devices, fabrics, NICs and network as loaded: data only, nothing priced.
 
+        :func:`autopar.cost.describe.describe_cluster` adds what the cost model assumes and the
+        price of a 1 GiB all-reduce over representative groups.
+        """
         dev = self.device
+        peaks = ", ".join(f"{v / 1e12:g} {k}" for k, v in dev.peak_flops)
         lines = [
             f"cluster {self.name}: {self.num_hosts} hosts x {self.devices_per_host} "
             f"{dev.model} = {self.num_devices} devices"
             + (f"  ({self.description})" if self.description else ""),
-            f"  device: {dev.peak_flop_per_s('bf16') / 1e12:g} TFLOP/s bf16 peak "
-            f"(large GEMMs ~{dev.matmul_efficiency:.0%}), {dev.memory_gib:g} GiB, "
-            f"{dev.memory_bandwidth_bytes_per_s / 1e9:g} GB/s",
+            f"  device: {dev.name}: peak TFLOP/s {peaks}; {dev.memory_gib:g} GiB, "
+            f"{dev.memory_bandwidth_bytes_per_s / 1e9:g} GB/s, {dev.sm_count} SMs"
+            + (
+                f"; compute calibration {dev.compute_calibration}"
+                if dev.compute_calibration
+                else ""
+            ),
         ]
         for hg in self.host_groups:
             count = sum(1 for h in self.hosts if h.group is hg)
@@ -574,7 +592,11 @@ class Cluster:
         lines.append(
             f"  graph: {self.graph.number_of_nodes()} nodes, {self.graph.number_of_edges()} links"
         )
-        lines.append("  1 GiB all-reduce (topology-aware | volume-only baseline):")
+        return "\n".join(lines)
+
+    def representative_groups(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """(label, ranks) of the groups worth showing: one host, one device per host, the
+        whole cluster, and a pair across the two host groups when there are two."""
         dph = self.devices_per_host
         reps: list[tuple[str, tuple[int, ...]]] = [("one host", tuple(range(dph)))]
         if self.num_hosts > 1:
@@ -586,12 +608,4 @@ class Cluster:
                 last = [h for h in self.hosts if h.group is groups[-1]][0]
                 pair = (self.hosts[0].first_rank, last.first_rank)
                 reps.append((f"2 devices: group '{groups[0].name}' + '{groups[-1].name}'", pair))
-        for label, grp in reps:
-            t = collective_time_s("all_reduce", GiB, grp, self)
-            v = volume_collective_time_s("all_reduce", GiB, len(grp), self)
-            path = self.analyze(grp)
-            lines.append(
-                f"    {label:<40} n={len(grp):<5} {t * 1e3:9.2f} ms | {v * 1e3:8.2f} ms"
-                f"   bottleneck: {path.bottleneck}"
-            )
-        return "\n".join(lines)
+        return tuple(reps)

@@ -18,6 +18,8 @@ File format (every key is required unless marked optional; units are in the key 
           # pcie_tree only: devices_per_switch, uplink (link profile), p2p, root_bandwidth_GBps
           # nvlink_pairs only: pcie: {a pcie_tree fabric for the traffic between pairs}
         nics: {count: 8, link: ib-hdr-200}
+        compute_calibration: compute-dgx   # optional, cost_models/<name>.yaml, kind:
+                                           # compute_calibration, fitted for this device
     network:
       kind: fat_tree | rail_optimized | single_switch
       hosts_per_leaf: 20                  # fat_tree / rail_optimized (rail block); 0 = unbounded
@@ -37,7 +39,9 @@ from pathlib import Path
 from autopar.cost.profiles import (
     REPO_ROOT,
     YamlSection,
+    apply_compute_calibration,
     load_calibration_profile,
+    load_compute_calibration,
     load_device_profile,
     load_link_profile,
     read_yaml,
@@ -85,12 +89,16 @@ def load_cluster(
     *,
     nodes: int | None = None,
     calibration: str | Path | None = None,
+    compute_calibration: str | Path | None = None,
 ) -> Cluster:
     """Load a shipped topology by name (``dgx-a100``) or any topology file by path.
 
     ``nodes`` scales the host count (host groups split by their ``fraction``); ``calibration``
     names a ``kind: calibration`` profile (or its path) whose measured levels replace the
-    datasheet prices, overriding the file's own ``calibration`` key.
+    datasheet prices, overriding the file's own ``calibration`` key. ``compute_calibration``
+    names a ``kind: compute_calibration`` profile (or its path, written by ``autopar calibrate
+    --compute``) whose fitted kernel efficiencies replace the device profile's achieved
+    corrections in every host group, overriding the groups' own ``compute_calibration`` keys.
     """
     path = _resolve(name_or_path)
     doc = read_yaml(path)
@@ -108,7 +116,7 @@ def load_cluster(
         raise doc.error(
             "host_groups", f"at most two host groups are supported, got {len(groups_doc)}"
         )
-    groups = [_host_group(g, dirs, len(groups_doc)) for g in groups_doc]
+    groups = [_host_group(g, dirs, len(groups_doc), compute_calibration) for g in groups_doc]
     if abs(sum(g.fraction for g in groups) - 1.0) > 1e-9:
         raise doc.error(
             "host_groups", f"fractions must sum to 1, got {[g.fraction for g in groups]}"
@@ -209,12 +217,24 @@ def _split_hosts(n: object, groups: list[HostGroup], max_nodes: int, *, file: st
     return counts
 
 
-def _host_group(g: YamlSection, dirs: tuple[Path, ...], n_groups: int) -> HostGroup:
+def _host_group(
+    g: YamlSection, dirs: tuple[Path, ...], n_groups: int, compute_calibration: str | Path | None
+) -> HostGroup:
     name = g.string("name")
     fraction = g.number("fraction", 1.0 / n_groups, strict=True, maximum=1.0)
     device = load_device_profile(
         g.string("device"), search_dirs=dirs, file=g.file, field=g.field("device")
     )
+    cal_name = g.raw("compute_calibration", None)
+    if compute_calibration is not None:
+        cal_name = compute_calibration
+    elif cal_name is not None:
+        cal_name = g.string("compute_calibration")
+    if cal_name is not None:
+        cal = load_compute_calibration(
+            str(cal_name), search_dirs=dirs, file=g.file, field=g.field("compute_calibration")
+        )
+        device = apply_compute_calibration(device, cal)
     dph = g.integer("devices_per_host")
     fabric = _fabric(g.section("fabric"), dirs, top=True)
     nics = g.section("nics")

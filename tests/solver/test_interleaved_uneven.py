@@ -15,7 +15,8 @@ from autopar.emit.mesh import validate_plan
 from autopar.emit.pipeline import layer_map
 from autopar.models import gpt, llama
 from autopar.plan import Plan
-from autopar.solver.search import _chunk_sizes, search
+from autopar.solver.pricing import chunk_sizes as _chunk_sizes
+from autopar.solver.search import search
 from autopar.topology.load import load_cluster
 
 

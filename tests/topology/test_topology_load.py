@@ -59,10 +59,43 @@ def test_load_by_path(scratch):
     assert c.num_devices == 24
 
 
-def test_describe_prices_representative_groups():
-    text = load_cluster("hetero-nic", nodes=4).describe()
-    for needle in ("4 hosts", "one host", "full cluster", "ib-hdr-200", "eth-100g", "ms"):
+def test_describe_lists_what_was_loaded_and_prices_nothing():
+    c = load_cluster("hetero-nic", nodes=4)
+    text = c.describe()
+    for needle in ("4 hosts", "ib-hdr-200", "eth-100g", "a100-sxm4-80gb", "108 SMs"):
         assert needle in text
+    assert "all-reduce" not in text and " ms" not in text
+    labels = [label for label, _ in c.representative_groups()]
+    assert labels[0] == "one host" and "full cluster" in labels and len(labels) == 4
+
+
+def test_topology_modules_do_not_import_the_pricing():
+    # the Cluster is data: loading topologies must not pull in cost.collectives / cost.compute
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, autopar.topology.load as L; L.load_cluster('dgx-a100').describe(); "
+        "print(sorted(m for m in sys.modules if m.startswith('autopar.cost')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['autopar.cost', 'autopar.cost.profiles']"
+
+
+def test_host_groups_must_price_their_devices_alike(scratch, edit_yaml):
+    (scratch / "cost_models" / "slow.yaml").write_text(
+        "kind: compute_calibration\ndevice: a100-sxm4-80gb\nfitted:\n  host_overhead_us: 50\n"
+    )
+    path = edit_yaml(
+        scratch / "topologies" / "hetero-nic.yaml",
+        lambda d: d["host_groups"][1].update(compute_calibration="slow"),
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_cluster(path, nodes=4)
+    _expect(exc, file="hetero-nic.yaml", field="host_groups")
+    # one calibration for every group is fine
+    c = load_cluster(path, nodes=4, compute_calibration="slow")
+    assert c.device.host_overhead_s == pytest.approx(50e-6)
 
 
 # -- bad input ---------------------------------------------------------------------------------

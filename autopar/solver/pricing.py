@@ -1,0 +1,570 @@
+"""Pricing one candidate: per-layer costs -> step time and peak memory of a pipeline layout.
+
+Inputs are the per-layer ``LayerCost``s of one shape (``cost.layer``, from the traced graph as
+the intra-op ILP placed it); everything here is numpy over layers, so thousands of candidates
+are priced in milliseconds.
+
+Per layer and microbatch: forward and backward compute, exposed tensor-parallel communication,
+what recompute re-runs (full: the forward and its tp collectives; selective: the attention core
+found by its ops), activation bytes kept, gradient synchronisation and ZeRO-3 gathers. A
+stage's latency is the sum over its layers plus the point-to-point send of its output
+(activation forward, gradient backward). The pipeline takes ``Σ t_s + (M - 1) · max t_s``
+(GPipe / 1F1B) or ``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved; ``t_s`` sums all chunks
+rank s holds). Gradient synchronisation over dp runs once per step; with overlap it hides behind
+the last microbatch's backward on each stage (DDP buckets / FSDP reduce-scatter), without it is
+all exposed. Gradients left partial over tp are all-reduced once per step too (before the
+optimizer). ZeRO-3 gathers weights for every use and reduce-scatters gradients per microbatch,
+prefetched behind compute: each layer costs ``max(compute, gathers)``. The optimizer update
+streams weights, gradients and optimizer state through HBM once.
+
+Memory per device on the most loaded stage: weights, gradients and optimizer state (divided by
+dp from ZeRO stage 3, 2 and 1 respectively), activations of the microbatches in flight for the
+schedule (``pipeline.inflight_microbatches``) and transients (a recomputed layer's full
+activations; ZeRO-3's gathered weights). A candidate over capacity is dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from autopar.cost.layer import LayerCost
+from autopar.cost.memory import model_state_breakdown
+from autopar.plan import MemoryBreakdown, Parallel, TimeBreakdown
+from autopar.solver.candidates import RECOMPUTE, ZERO_STAGES, Shape
+from autopar.solver.pipeline import inflight_microbatches, solve_stages
+
+__all__ = [
+    "Priced",
+    "PricingContext",
+    "DPJob",
+    "price_shape",
+    "run_dp",
+    "chunk_sizes",
+    "plan_stage_layers",
+    "TIME_TERMS",
+]
+
+TIME_TERMS = ("compute", "recompute", "tp_comm", "pp_bubble", "pp_comm", "dp_comm")
+
+
+@dataclass(slots=True)
+class Priced:
+    """One fully priced candidate."""
+
+    shape: Shape
+    microbatches: int
+    schedule: str
+    virtual_stages: int
+    zero: int
+    recompute: str
+    sequence_parallel: bool
+    variant: int
+    """Which memory level of the ILP's layer choices (0: time-optimal)."""
+    stages: np.ndarray
+    """Pipeline rank of every layer (several chunks per rank when interleaved)."""
+    step_s: float
+    breakdown: TimeBreakdown
+    memory: MemoryBreakdown
+    peak_bytes: float
+    costs: tuple[LayerCost, ...] = field(repr=False, default=())
+
+    @property
+    def parallel(self) -> Parallel:
+        return Parallel(dp=self.shape.dp, tp=self.shape.tp, pp=self.shape.pp)
+
+    def key(self) -> tuple:
+        s = self.shape
+        return (s.pp, s.dp, s.tp, s.b, self.schedule, self.virtual_stages, self.zero,
+                self.recompute, self.sequence_parallel)  # fmt: skip
+
+
+@dataclass(slots=True, kw_only=True)
+class PricingContext:
+    """What pricing a candidate needs besides its layer costs."""
+
+    global_batch: int
+    dtype_bytes: int
+    optimizer: str
+    dtype: str
+    capacity_bytes: float
+    blocks: list[int]
+    """Indices of the block layers (pipeline stages cut between blocks)."""
+    optimizer_line: tuple[float, float]
+    """(intercept_s, s_per_param) of the optimizer step."""
+    p2p_s: Callable[[Shape, float], float]
+    """Seconds to send one stage boundary's activation (all dp x tp pairs at once)."""
+    overlap_grad_reduce: bool = True
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-layer arrays
+# ---------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Base:
+    fwd: np.ndarray
+    bwd: np.ndarray
+    tp_fwd: np.ndarray
+    tp_bwd: np.ndarray
+    tp_sync: np.ndarray
+    core_fwd: np.ndarray
+    grad_sync: np.ndarray
+    gather: np.ndarray
+    reduce: np.ndarray
+    params: np.ndarray
+    act: np.ndarray
+    core_act: np.ndarray
+    inp: np.ndarray
+    p2p: np.ndarray
+
+
+def _base(ctx: PricingContext, shape: Shape, costs: tuple[LayerCost, ...]) -> _Base:
+    def arr(attr: str) -> np.ndarray:
+        return np.fromiter((getattr(c, attr) for c in costs), dtype=float, count=len(costs))
+
+    return _Base(
+        fwd=arr("fwd_s"),
+        bwd=arr("bwd_s"),
+        tp_fwd=arr("tp_fwd_s"),
+        tp_bwd=arr("tp_bwd_s"),
+        tp_sync=arr("tp_grad_sync_s"),
+        core_fwd=arr("core_fwd_s"),
+        grad_sync=arr("grad_sync_s"),
+        gather=arr("zero3_gather_s"),
+        reduce=arr("zero3_reduce_s"),
+        params=arr("params_per_device"),
+        act=arr("act_bytes"),
+        core_act=arr("core_act_bytes"),
+        inp=arr("input_bytes"),
+        p2p=np.fromiter(
+            (2.0 * ctx.p2p_s(shape, c.output_bytes) for c in costs), dtype=float, count=len(costs)
+        ),
+    )
+
+
+@dataclass(slots=True)
+class _Vectors:
+    """Per-layer arrays for one (shape, recompute, zero) combination."""
+
+    lat: np.ndarray
+    hidden_zero3: np.ndarray
+    exposed_zero3: np.ndarray
+    compute: np.ndarray
+    recompute: np.ndarray
+    tp: np.ndarray
+    bwd_window: np.ndarray
+    grad_sync: np.ndarray
+    tp_sync: np.ndarray
+    saved: np.ndarray
+    transient: np.ndarray
+    weights: np.ndarray
+    grads: np.ndarray
+    optimizer: np.ndarray
+    params: np.ndarray
+    p2p: np.ndarray
+
+
+def _vectors(ctx: PricingContext, b: _Base, dp: int, recompute: str, zero: int) -> _Vectors:
+    compute = b.fwd + b.bwd
+    if recompute == "full":
+        # re-run the forward, its tensor-parallel collectives included (those count as tp comm)
+        rec, tp = b.fwd, 2.0 * b.tp_fwd + b.tp_bwd
+        saved, trans = b.inp, b.act
+    elif recompute == "selective":
+        rec, tp = b.core_fwd, b.tp_fwd + b.tp_bwd
+        saved, trans = np.maximum(0.0, b.act - b.core_act), b.core_act
+    else:
+        rec, tp = np.zeros_like(b.fwd), b.tp_fwd + b.tp_bwd
+        saved, trans = b.act, np.zeros_like(b.fwd)
+    base = compute + rec + tp
+    if zero == 3 and dp > 1:
+        # forward: the next layer's weights are prefetched behind this layer's compute;
+        # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
+        fwd = b.fwd + b.tp_fwd
+        lat = base + np.maximum(0.0, b.gather - fwd) + b.gather + b.reduce
+        hidden = np.minimum(b.gather, fwd)
+        trans = trans + b.params * ctx.dtype_bytes  # one layer's gathered weights at a time
+        sync = np.zeros_like(base)
+    else:
+        lat, hidden, sync = base, np.zeros_like(base), b.grad_sync
+    state = model_state_breakdown(
+        num_params=1.0, dtype=ctx.dtype, optimizer=ctx.optimizer, zero_stage=zero, dp=dp
+    )
+    return _Vectors(
+        lat=lat,
+        hidden_zero3=hidden,
+        exposed_zero3=lat - base,
+        compute=compute,
+        recompute=rec,
+        tp=tp,
+        bwd_window=b.bwd + b.tp_bwd,
+        grad_sync=sync,
+        tp_sync=b.tp_sync,
+        saved=saved,
+        transient=trans,
+        weights=b.params * state.weights,
+        grads=b.params * state.grads,
+        optimizer=b.params * state.optimizer,
+        params=b.params,
+        p2p=b.p2p,
+    )
+
+
+@functools.lru_cache(maxsize=65536)
+def _inflight(schedule: str, pp: int, m: int, v: int) -> Any:
+    return inflight_microbatches(schedule=schedule, num_stages=pp, microbatches=m, virtual_stages=v)
+
+
+def _evaluate(
+    ctx: PricingContext,
+    shape: Shape,
+    vec: _Vectors,
+    *,
+    owner: np.ndarray,
+    microbatches: int,
+    schedule: str,
+    virtual: int,
+    zero: int,
+    recompute: str,
+    sequence_parallel: bool,
+    variant: int,
+    costs: tuple[LayerCost, ...],
+    need: list[float],
+) -> Priced | None:
+    """Step time and peak memory of one assignment of layers to pipeline ranks (module doc)."""
+    pp = shape.pp
+    m = microbatches
+    v = virtual if schedule == "interleaved_1f1b" else 1
+    flight = _inflight(schedule, pp, m, v)
+    w = np.bincount(owner, vec.weights, pp)
+    g = np.bincount(owner, vec.grads, pp)
+    o = np.bincount(owner, vec.optimizer, pp)
+    a = flight * np.bincount(owner, vec.saved, pp)
+    other = np.zeros(pp)
+    np.maximum.at(other, owner, vec.transient)
+    totals = w + g + o + a + other
+    worst = int(np.argmax(totals))
+    peak = float(totals[worst])
+    if peak > ctx.capacity_bytes * (1 + 1e-9):
+        need.append(peak)
+        return None
+    bnd = np.nonzero(owner[:-1] != owner[1:])[0]  # a stage boundary follows these layers
+    p2p_dev = np.bincount(owner[bnd], vec.p2p[bnd], pp)
+    lat_dev = np.bincount(owner, vec.lat, pp) + p2p_dev
+    w_sum, w_max = 1.0 / v, m - 1.0 / v
+    slow = int(np.argmax(lat_dev))
+    pipeline_s = w_sum * float(lat_dev.sum()) + w_max * float(lat_dev[slow])
+    sync = np.bincount(owner, vec.grad_sync, pp)
+    window = np.bincount(owner, vec.bwd_window, pp)
+    if ctx.overlap_grad_reduce:
+        exposed_sync = np.maximum(0.0, sync - window)
+    else:
+        exposed_sync = sync
+    tp_sync = np.bincount(owner, vec.tp_sync, pp)
+    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if zero >= 1 else 1)
+    intercept, slope = ctx.optimizer_line
+    opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
+    tail = exposed_sync + tp_sync + opt
+    last = int(np.argmax(tail))
+    step = pipeline_s + float(tail[last])
+    on_slow = owner == slow
+    busy = m * float(lat_dev[slow])
+    breakdown = TimeBreakdown(
+        compute=m * float(vec.compute[on_slow].sum()) + float(opt[last]),
+        recompute=m * float(vec.recompute[on_slow].sum()),
+        tp_comm=m * float(vec.tp[on_slow].sum()) + float(tp_sync[last]),
+        pp_comm=m * float(p2p_dev[slow]),
+        pp_bubble=float(pipeline_s - busy),
+        dp_comm=m * float(vec.exposed_zero3[on_slow].sum()) + float(exposed_sync[last]),
+        overlapped_comm=m * float(vec.hidden_zero3[on_slow].sum())
+        + float(sync[last] - exposed_sync[last]),
+    )
+    memory = MemoryBreakdown(
+        weights=float(w[worst]),
+        grads=float(g[worst]),
+        optimizer=float(o[worst]),
+        activations=float(a[worst]),
+        other=float(other[worst]),
+        capacity=float(ctx.capacity_bytes),
+    )
+    return Priced(
+        shape=shape,
+        microbatches=m,
+        schedule=schedule,
+        virtual_stages=v,
+        zero=zero,
+        recompute=recompute,
+        sequence_parallel=sequence_parallel,
+        variant=variant,
+        stages=owner,
+        step_s=float(step),
+        breakdown=breakdown,
+        memory=memory,
+        peak_bytes=peak,
+        costs=costs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts of layers onto pipeline ranks
+# ---------------------------------------------------------------------------------------------
+def _uniform_owner(num_layers: int, blocks: list[int], pp: int) -> np.ndarray | None:
+    """Megatron's split: blocks evenly over stages (extra ones first), embedding first, head last."""
+    owner = np.zeros(num_layers, dtype=np.int64)
+    if pp == 1:
+        return owner
+    if pp > len(blocks):
+        return None
+    per, extra = divmod(len(blocks), pp)
+    k = 0
+    for s in range(pp):
+        n = per + (1 if s < extra else 0)
+        owner[blocks[k : k + n]] = s
+        k += n
+    owner[: blocks[0]] = 0
+    owner[blocks[-1] + 1 :] = pp - 1
+    return owner
+
+
+def _ends_inward(n: int) -> list[int]:
+    """0, n-1, 1, n-2, ...: the order in which ranks give up a block."""
+    return list(dict.fromkeys(k for pair in zip(range(n), range(n - 1, -1, -1)) for k in pair))
+
+
+def chunk_sizes(num_blocks: int, pp: int, v: int) -> list[int] | None:
+    """Blocks in each of the ``pp·v`` interleaved chunks (chunk c on rank c mod pp).
+
+    Two levels, so that both chunks and ranks stay within one block of each other: rank totals
+    are ``⌊blocks / pp⌋`` or one more, the short ranks taken from the ends inwards (rank 0 runs
+    the embedding, rank pp-1 the logits head); each rank's total is then cut into v chunks that
+    differ by at most one, its short chunks first on the first half of the ranks and last on the
+    second half, so the embedding's and the head's chunks are the short ones. Llama 3: 126
+    blocks, pp = 16, v = 4 gives chunk 0 and chunk 63 one block each and every other chunk two
+    (arXiv 2407.21783 §3.3.2). None when a chunk would be empty.
+    """
+    if pp < 1 or v < 1 or num_blocks < pp * v:
+        return None
+    q, extra = divmod(num_blocks, pp)
+    per_rank = [q + 1] * pp if extra else [q] * pp
+    if extra:
+        for r in _ends_inward(pp)[: pp - extra]:
+            per_rank[r] = q
+    sizes = [0] * (pp * v)
+    for r, total in enumerate(per_rank):
+        a, b = divmod(total, v)
+        local = [a] * (v - b) + [a + 1] * b  # short chunks first
+        if 2 * r >= pp:
+            local.reverse()  # second half: short chunks last
+        for k, size in enumerate(local):
+            sizes[k * pp + r] = size
+    return sizes
+
+
+@functools.lru_cache(maxsize=4096)
+def _interleaved_owner_cached(
+    num_layers: int, blocks: tuple[int, ...], pp: int, v: int
+) -> np.ndarray | None:
+    out = _interleaved_owner(num_layers, list(blocks), pp, v)
+    if out is not None:
+        out.setflags(write=False)
+    return out
+
+
+def _interleaved_owner(num_layers: int, blocks: list[int], pp: int, v: int) -> np.ndarray | None:
+    """Interleaved layout: ``pp·v`` contiguous chunks (``chunk_sizes``), chunk c on rank c mod pp."""
+    if pp < 2 or v < 2:
+        return None
+    sizes = chunk_sizes(len(blocks), pp, v)
+    if sizes is None:
+        return None
+    owner = np.zeros(num_layers, dtype=np.int64)
+    k = 0
+    for c, size in enumerate(sizes):
+        owner[blocks[k : k + size]] = c % pp
+        k += size
+    owner[: blocks[0]] = 0
+    owner[blocks[-1] + 1 :] = pp - 1
+    return owner
+
+
+def _dp_owner(
+    vec: _Vectors, pp: int, microbatches: int, schedule: str, capacity: float
+) -> np.ndarray | None:
+    """Unequal contiguous stages from the pipeline DP (pipeline.solve_stages), memory-feasible."""
+    n = len(vec.lat)
+    csum = np.concatenate([[0.0], np.cumsum(vec.lat)])
+    lat = (csum[None, 1:] - csum[:-1, None])[:, :, None]
+    ssum = np.concatenate([[0.0], np.cumsum(vec.weights + vec.grads + vec.optimizer)])
+    state = ssum[None, 1:] - ssum[:-1, None]
+    asum = np.concatenate([[0.0], np.cumsum(vec.saved)])
+    act = (asum[None, 1:] - asum[:-1, None])[:, :, None]
+    trans = np.zeros((n, n))
+    for i in range(n):
+        trans[i, i:] = np.maximum.accumulate(vec.transient[i:])
+    state = (state + trans)[:, :, None]
+    plan = solve_stages(
+        latency_s=lat,
+        mesh_devices=[1],
+        total_devices=pp,
+        num_stages=pp,
+        w_sum=1.0,
+        w_max=float(microbatches - 1),
+        p2p_s=vec.p2p[:, None],
+        state_bytes=state,
+        act_bytes=act,
+        inflight=inflight_microbatches(schedule=schedule, num_stages=pp, microbatches=microbatches),
+        capacity_bytes=capacity,
+    )
+    if plan is None:
+        return None
+    owner = np.zeros(n, dtype=np.int64)
+    for s, (i, j) in enumerate(zip(plan.starts, plan.ends)):
+        owner[i : j + 1] = s
+    return owner
+
+
+def plan_stage_layers(owner: np.ndarray, *, pp: int, v: int) -> list[tuple[int, np.ndarray]]:
+    """(pipeline rank, layer indices) of every Plan stage, in stage order.
+
+    One stage per rank, or, interleaved, one per chunk: the maximal runs of consecutive layers
+    on one rank, chunk c on rank c mod pp (``pp · v`` stages, what the emitter expects).
+    """
+    if v <= 1:
+        return [(s, np.nonzero(owner == s)[0]) for s in range(pp)]
+    cuts = np.nonzero(owner[:-1] != owner[1:])[0] + 1
+    runs = np.split(np.arange(len(owner)), cuts)
+    ranks = [int(owner[r[0]]) for r in runs]
+    if len(runs) != pp * v or any(r != c % pp for c, r in enumerate(ranks)):
+        raise RuntimeError(f"interleaved layout is not pp x v = {pp} x {v} looped chunks: {ranks}")
+    return list(zip(ranks, runs))
+
+
+# ---------------------------------------------------------------------------------------------
+# all options of one shape
+# ---------------------------------------------------------------------------------------------
+def _options(fixed: dict[str, Any], key: str, default: Iterable[Any]) -> list[Any]:
+    return [fixed[key]] if key in fixed else list(default)
+
+
+@dataclass(slots=True)
+class DPJob:
+    """A 1F1B candidate whose unequal split (pipeline DP) may beat the uniform one."""
+
+    lower_bound_s: float
+    shape: Shape
+    vectors: list[tuple[int, _Vectors]]
+    """(zero stage, vectors) to try in order; the first that fits is kept."""
+    microbatches: int
+    schedule: str
+    recompute: str
+    sequence_parallel: bool
+    variant: int
+    costs: tuple[LayerCost, ...]
+
+
+def price_shape(
+    ctx: PricingContext,
+    shape: Shape,
+    costs: tuple[LayerCost, ...],
+    *,
+    sequence_parallel: bool,
+    variant: int,
+    keep: Callable[[Priced], None],
+    need: list[float],
+) -> list[DPJob]:
+    """Price the uniform / interleaved layouts of every option of one shape; return DP jobs.
+
+    ZeRO 0, 1 and 2 take the same time here, so the lowest stage that fits is kept (and ZeRO-3
+    separately). GPipe has 1F1B's bubble and more memory, so it is priced only when pinned.
+    """
+    fixed = ctx.fixed
+    m = ctx.global_batch // (shape.dp * shape.b)
+    n = len(costs)
+    blocks = ctx.blocks
+    pp = shape.pp
+    base = _base(ctx, shape, costs)
+    schedules = _options(fixed, "schedule", ("1f1b", "interleaved_1f1b") if pp > 1 else ("1f1b",))
+    if pp == 1:
+        schedules = [s for s in schedules if s != "interleaved_1f1b"] or ["1f1b"]
+    zeros = _options(fixed, "zero", ZERO_STAGES)
+    if shape.dp == 1:
+        zeros = [z for z in zeros if z == 0] or zeros[:1]
+    uniform = _uniform_owner(n, blocks, pp) if blocks else np.zeros(n, dtype=np.int64)
+    jobs: list[DPJob] = []
+    for recompute in _options(fixed, "recompute", RECOMPUTE):
+        for zero_class in (0, 3):
+            tries = [z for z in zeros if (z == 3) == (zero_class == 3)]
+            if not tries:
+                continue
+            vecs = [(z, _vectors(ctx, base, shape.dp, recompute, z)) for z in tries]
+            for schedule in schedules:
+                if schedule == "interleaved_1f1b":
+                    if m % pp:
+                        continue  # Megatron's interleaved schedule needs M divisible by pp
+                    vs = _options(fixed, "virtual_stages", range(2, len(blocks) // pp + 1))
+                    layouts = [(v, _interleaved_owner_cached(n, tuple(blocks), pp, v)) for v in vs]
+                else:
+                    layouts = [(1, uniform)]
+                for v, owner in layouts:
+                    if owner is None:
+                        continue
+                    for zero, vec in vecs:
+                        priced = _evaluate(
+                            ctx, shape, vec, owner=owner, microbatches=m, schedule=schedule,
+                            virtual=v, zero=zero, recompute=recompute,
+                            sequence_parallel=sequence_parallel, variant=variant, costs=costs,
+                            need=need,
+                        )  # fmt: skip
+                        if priced is not None:
+                            keep(priced)
+                            break
+                if schedule != "interleaved_1f1b" and pp > 1:
+                    lat = vecs[0][1].lat
+                    total = float(lat.sum())
+                    lb = total + (m - 1) * max(total / pp, float(lat.max()))
+                    last = vecs[-1][1]
+                    mem_lb = float((last.weights + last.grads + last.optimizer).sum()) / pp
+                    if mem_lb > ctx.capacity_bytes:
+                        need.append(mem_lb)
+                        continue
+                    jobs.append(
+                        DPJob(
+                            lower_bound_s=lb,
+                            shape=shape,
+                            vectors=vecs,
+                            microbatches=m,
+                            schedule=schedule,
+                            recompute=recompute,
+                            sequence_parallel=sequence_parallel,
+                            variant=variant,
+                            costs=costs,
+                        )  # fmt: skip
+                    )
+    return jobs
+
+
+def run_dp(
+    ctx: PricingContext, job: DPJob, keep: Callable[[Priced], None], need: list[float]
+) -> int:
+    """Price the pipeline DP's unequal split of a job; returns the DP runs made."""
+    runs = 0
+    for zero, vec in job.vectors:
+        runs += 1
+        owner = _dp_owner(vec, job.shape.pp, job.microbatches, job.schedule, ctx.capacity_bytes)
+        if owner is None:
+            continue
+        priced = _evaluate(
+            ctx, job.shape, vec, owner=owner, microbatches=job.microbatches,
+            schedule=job.schedule, virtual=1, zero=zero, recompute=job.recompute,
+            sequence_parallel=job.sequence_parallel, variant=job.variant, costs=job.costs,
+            need=need,
+        )  # fmt: skip
+        if priced is not None:
+            keep(priced)
+            return runs
+    return runs
