@@ -54,6 +54,7 @@ class InfeasibleError(AutoparError):
         available_bytes: float,
         suggestions: Sequence[str] = (),
     ) -> None:
+        self.message = message
         self.needed_bytes = needed_bytes
         self.available_bytes = available_bytes
         self.suggestions = tuple(suggestions)

@@ -1,36 +1,17 @@
-"""Turn a Plan into words: the CLI's plan text and launcher flags for other frameworks.
+"""Turn a Plan into words: the CLI's plan text, why runners-up lost, where axes sit on hosts.
 
 Imports nothing from the solver: everything printed is already in the Plan, so a plan read
-back from JSON renders exactly like a freshly searched one.
-
-``emit`` writes the plan in the vocabulary of another trainer and says, in comments, what that
-trainer cannot express (checked against torchtitan ``torchtitan/config/job_config.py`` and
-Megatron-LM ``megatron/training/arguments.py``):
-
-* torchtitan: ``[parallelism]`` data_parallel_replicate_degree / data_parallel_shard_degree
-  (DDP vs FSDP2 = ZeRO-3), tensor_parallel_degree, pipeline_parallel_degree,
-  pipeline_parallel_schedule ("GPipe", "1F1B", "Interleaved1F1B"),
-  pipeline_parallel_microbatch_size, pipeline_parallel_split_points (unequal stages),
-  ``[training]`` local_batch_size / global_batch_size / seq_len,
-  ``[activation_checkpoint]`` mode ("none", "selective", "full"). FSDP2 shards everything, so
-  ZeRO-1 and ZeRO-2 have no exact equivalent (ZeRO-2 ~ fsdp_reshard_after_forward = "never").
-* Megatron-LM: --tensor-model-parallel-size, --pipeline-model-parallel-size,
-  --num-layers-per-virtual-pipeline-stage, --micro-batch-size, --global-batch-size,
-  --sequence-parallel, --recompute-granularity / --recompute-method / --recompute-num-layers,
-  --use-distributed-optimizer (ZeRO-1: optimizer state sharded over data parallel),
-  --decoder-first/last-pipeline-num-layers (unequal first/last stages). No ZeRO-3 in the
-  classic trainer; per-parameter placements are fixed by Megatron's layer classes.
+back from JSON renders exactly like a freshly searched one. (The plan as another framework's
+launch configuration is ``autopar.export``.)
 """
 
 from __future__ import annotations
 
-from autopar.errors import ConfigError
 from autopar.plan import Alternative, Plan, TimeBreakdown
 
-__all__ = ["render", "emit", "EMIT_FORMATS", "why", "host_mapping"]
+__all__ = ["render", "why", "host_mapping"]
 
 GiB = 1024**3
-EMIT_FORMATS = ("torchtitan", "megatron")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,19 +122,6 @@ def _stage_lines(plan: Plan) -> list[str]:
             text += " | ".join(shown)
         lines.append(f"  {i:>3}  {_device_span(devices):<22} {text}")
     return lines
-
-
-def _chunk_note(plan: Plan) -> str | None:
-    """Uneven interleaved chunks (blocks not divisible by pp x v) cannot be given as one size."""
-    if plan.virtual_stages <= 1:
-        return None
-    sizes = sorted(set(_blocks_per_stage(plan)))
-    if len(sizes) <= 1:
-        return None
-    return (
-        f"the plan's chunks hold {' or '.join(map(str, sizes))} blocks (blocks not divisible by "
-        "pp x chunks); one layers-per-chunk value cannot express that exactly"
-    )
 
 
 def _device_span(devices: tuple[int, ...]) -> str:
@@ -307,167 +275,3 @@ def render(plan: Plan) -> str:
         parts = [f"{k}={v}" for k, v in s.items() if not isinstance(v, dict | list)]
         lines += ["", "solver: " + ", ".join(parts)]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# emitters
-# ---------------------------------------------------------------------------------------------
-_TITAN_SCHEDULE = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved_1f1b": "Interleaved1F1B"}
-
-
-def _stage_first_blocks(plan: Plan) -> list[str]:
-    """The first block of stages 1..: torchtitan split points, in order."""
-    kinds = plan.layer_kinds
-    points = []
-    for st in plan.stages[1:]:
-        blocks = [n for n in st.layers if kinds.get(n) == "block"]
-        if blocks:
-            points.append(blocks[0])
-    return points
-
-
-def _blocks_per_stage(plan: Plan) -> list[int]:
-    kinds = plan.layer_kinds
-    return [_block_count(st.layers, kinds) for st in plan.stages]
-
-
-def _emit_torchtitan(plan: Plan) -> str:
-    p = plan.parallel
-    zero = plan.zero_stage
-    notes: list[str] = []
-    if zero == 0:
-        replicate, shard = p.dp, 1
-    else:
-        replicate, shard = 1, p.dp
-        if zero in (1, 2) and p.dp > 1:
-            notes.append(
-                f"ZeRO-{zero} has no exact torchtitan equivalent: FSDP2 shards weights too "
-                "(ZeRO-3); reshard_after_forward='never' keeps ZeRO-2's communication volume"
-            )
-    local_batch = plan.global_batch // max(1, p.dp)
-    lines = ["# autopar plan -> torchtitan job config"]
-    lines += [f"# NOTE: {n}" for n in notes]
-    lines += [
-        "[training]",
-        f"local_batch_size = {local_batch}",
-        f"global_batch_size = {plan.global_batch}",
-        f"seq_len = {plan.seq_len}",
-        "",
-        "[parallelism]",
-        f"data_parallel_replicate_degree = {replicate}",
-        f"data_parallel_shard_degree = {shard}",
-    ]
-    if zero in (1, 2) and p.dp > 1:
-        lines.append('fsdp_reshard_after_forward = "never"')
-    lines += [
-        f"tensor_parallel_degree = {p.tp}",
-        f"pipeline_parallel_degree = {p.pp}",
-    ]
-    if p.pp > 1:
-        lines += [
-            f'pipeline_parallel_schedule = "{_TITAN_SCHEDULE.get(plan.schedule, plan.schedule)}"',
-            f"pipeline_parallel_microbatch_size = {plan.micro_batch_size}",
-        ]
-        points = _stage_first_blocks(plan)
-        if points and plan.virtual_stages == 1:
-            lines.append(
-                "pipeline_parallel_split_points = [" + ", ".join(f'"{x}"' for x in points) + "]"
-            )
-        elif plan.virtual_stages > 1:
-            blocks = sum(_blocks_per_stage(plan))
-            per = max(1, round(blocks / (p.pp * plan.virtual_stages)))
-            lines.append(f"pipeline_parallel_layers_per_stage = {per}")
-            note = _chunk_note(plan)
-            if note:
-                lines.append(f"# NOTE: {note}")
-    elif plan.microbatches > 1:
-        lines.append(
-            f"# gradient accumulation: {plan.microbatches} microbatches of {plan.micro_batch_size}"
-        )
-    lines += [
-        "",
-        "[activation_checkpoint]",
-        f'mode = "{plan.recompute}"',
-    ]
-    if plan.recompute == "selective":
-        lines.append('selective_ac_option = "op"')
-    if plan.sequence_parallel:
-        lines.append(
-            "# sequence parallelism is applied by torchtitan together with tensor parallel"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _emit_megatron(plan: Plan) -> str:
-    p = plan.parallel
-    args = [
-        f"--tensor-model-parallel-size {p.tp}",
-        f"--pipeline-model-parallel-size {p.pp}",
-    ]
-    notes: list[str] = []
-    blocks = _blocks_per_stage(plan)
-    if p.pp > 1 and plan.virtual_stages > 1:
-        per = max(1, round(sum(blocks) / (p.pp * plan.virtual_stages)))
-        args.append(f"--num-layers-per-virtual-pipeline-stage {per}")
-        note = _chunk_note(plan)
-        if note:
-            notes.append(note)
-    elif p.pp > 1 and len(set(blocks)) > 1:
-        first, last, middle = blocks[0], blocks[-1], blocks[1:-1]
-        if len(set(middle)) <= 1:
-            args.append(f"--decoder-first-pipeline-num-layers {first}")
-            args.append(f"--decoder-last-pipeline-num-layers {last}")
-        else:
-            notes.append(
-                f"Megatron splits middle stages evenly; the plan's blocks per stage {blocks} "
-                "cannot be expressed exactly"
-            )
-    args += [
-        f"--micro-batch-size {plan.micro_batch_size}",
-        f"--global-batch-size {plan.global_batch}",
-        f"--seq-length {plan.seq_len}",
-    ]
-    if plan.sequence_parallel:
-        args.append("--sequence-parallel")
-    if plan.recompute == "full":
-        args += [
-            "--recompute-granularity full",
-            "--recompute-method uniform",
-            "--recompute-num-layers 1",
-        ]
-    elif plan.recompute == "selective":
-        args.append("--recompute-granularity selective")
-    if plan.zero_stage >= 1:
-        args.append("--use-distributed-optimizer")
-    if plan.zero_stage >= 2:
-        notes.append(
-            f"ZeRO-{plan.zero_stage}: the distributed optimizer shards optimizer state "
-            "(ZeRO-1, gradients reduce-scattered); "
-            + ("weights stay replicated" if plan.zero_stage == 3 else "close to ZeRO-2")
-        )
-    if plan.schedule == "gpipe" and p.pp > 1:
-        notes.append(
-            "Megatron always runs 1F1B (interleaved with virtual stages); GPipe not available"
-        )
-    if plan.dtype in ("bf16", "fp16"):
-        args.append(f"--{plan.dtype}")
-    notes.append(
-        "per-parameter placements come from Megatron's own layer classes "
-        "(column/row parallel Linear); autopar's placements are not passed"
-    )
-    out = ["# autopar plan -> Megatron-LM arguments"]
-    out += [f"# NOTE: {n}" for n in notes]
-    out.append(" \\\n".join(args))
-    return "\n".join(out) + "\n"
-
-
-def emit(plan: Plan, fmt: str) -> str:
-    """Launcher configuration for another framework (``"torchtitan"`` TOML or ``"megatron"`` flags).
-
-    Whatever the target cannot express is stated in ``# NOTE:`` comments, never dropped silently.
-    """
-    if fmt == "torchtitan":
-        return _emit_torchtitan(plan)
-    if fmt == "megatron":
-        return _emit_megatron(plan)
-    raise ConfigError(f"unknown emit format {fmt!r}", field="emit", allowed=EMIT_FORMATS)

@@ -40,6 +40,7 @@ __all__ = [
     "MemoryBreakdown",
     "Prediction",
     "Alternative",
+    "StageCost",
     "LayerSpec",
     "OpPlacement",
     "ClusterInfo",
@@ -194,14 +195,33 @@ class MemoryBreakdown:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StageCost:
+    """One plan stage (an interleaved chunk) per microbatch, as the pipeline model prices it."""
+
+    fwd_s: float
+    """Forward of the stage's layers: compute, exposed tensor-parallel comm, ZeRO-3 gathers."""
+    bwd_s: float
+    """Backward: recompute, gradients, exposed tensor-parallel comm, ZeRO-3 traffic."""
+    send_s: float
+    """Sending its output to the next stage (the gradient coming back costs the same)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Prediction:
     step_time_s: float
     tokens_per_s: float
+    """Tokens (token models) or samples per second."""
     tflops_per_device: float
     mfu: float
     memory_gib_per_device: float
     breakdown: TimeBreakdown = field(default_factory=TimeBreakdown)
     memory: MemoryBreakdown = field(default_factory=MemoryBreakdown)
+    stages: tuple[StageCost, ...] = ()
+    """Per plan stage, what one microbatch costs (the schedule model's inputs)."""
+    rank_memory: tuple[MemoryBreakdown, ...] = ()
+    """Peak memory per pipeline rank."""
+    rank_tail_s: tuple[float, ...] = ()
+    """Per pipeline rank, after its last backward: exposed gradient sync and optimizer step."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -307,10 +327,14 @@ class Plan:
             pred = d.get("predicted")
             prediction = None
             if pred is not None:
+                nested = ("breakdown", "memory", "stages", "rank_memory", "rank_tail_s")
                 prediction = Prediction(
-                    **{k: v for k, v in pred.items() if k not in ("breakdown", "memory")},
+                    **{k: v for k, v in pred.items() if k not in nested},
                     breakdown=TimeBreakdown(**pred.get("breakdown", {})),
                     memory=MemoryBreakdown(**pred.get("memory", {})),
+                    stages=tuple(StageCost(**x) for x in pred.get("stages", ())),
+                    rank_memory=tuple(MemoryBreakdown(**x) for x in pred.get("rank_memory", ())),
+                    rank_tail_s=tuple(pred.get("rank_tail_s", ())),
                 )
             info = d.get("cluster_info")
             return cls(

@@ -1,13 +1,15 @@
-"""Train a small GPT under an autopar plan.
+"""Train a model under an autopar plan.
 
-    autopar search gpt:layers=4,hidden=128,heads=4,vocab=128,seq_len=16 ... -o plan.json
+    autopar plan gpt:layers=4,hidden=128,heads=4,vocab=128,seq_len=16 --cluster pcie-4090 \
+        --global-batch 16 --dtype fp32 --json plan.json
     autopar launch plan.json -- examples/train_gpt.py --steps 20
 
 ``autopar launch`` runs this file under torchrun with the plan's world size and passes the
 plan path in ``AUTOPAR_PLAN``; ``--plan`` overrides it. The model is ``--model`` (default: the
-plan's own ``model`` field, any spec ``autopar.models.parse_model_spec`` accepts), built under
-one seed on every rank. Data is synthetic but learnable: each sequence counts upwards modulo the
-vocabulary from a random start, so the loss visibly falls within a few steps.
+spec the plan was searched for, ``plan.model_spec``: a zoo name, ``family:k=v,...``,
+``hf:Config:...`` or ``package.module:factory``), built under one seed on every rank. Data is
+synthetic but learnable: each sequence counts upwards modulo the vocabulary from a random
+start, so the loss visibly falls within a few steps.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plan", default=os.environ.get(PLAN_ENV), help=f"plan JSON (default ${PLAN_ENV})"
     )
-    p.add_argument("--model", default=None, help="model spec (default: the plan's model field)")
+    p.add_argument("--model", default=None, help="model spec (default: the plan's model_spec)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -64,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if distributed else 0
     try:
+        spec = args.model or plan.model_spec
+        if not spec:
+            print("the plan names no model spec: pass --model", file=sys.stderr)
+            return 2
         torch.manual_seed(args.seed)  # same initial weights on every rank
-        model = parse_model_spec(args.model or plan.model, device="cpu")
-        vocab = model.config.vocab
+        model = parse_model_spec(spec, device="cpu")
+        vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
         pm = apply_plan(model, plan)
         opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
         for step in range(args.steps):

@@ -1,12 +1,8 @@
-"""Plan text rendering and the torchtitan / Megatron-LM emitters."""
+"""Plan text rendering (exports to torchtitan / Megatron-LM are tests/test_export.py)."""
 
 from __future__ import annotations
 
-import pytest
-import tomllib
-
-from autopar.errors import ConfigError
-from autopar.explain import emit, render
+from autopar.explain import render
 from autopar.plan import (
     Alternative,
     ClusterInfo,
@@ -135,60 +131,6 @@ def test_render_survives_json_round_trip() -> None:
     assert render(again) == render(plan)
 
 
-def test_torchtitan_toml_parses_and_maps_degrees() -> None:
-    text = emit(_plan(), "torchtitan")
-    doc = tomllib.loads(text)
-    par = doc["parallelism"]
-    assert par["tensor_parallel_degree"] == 4
-    assert par["pipeline_parallel_degree"] == 2
-    assert par["data_parallel_shard_degree"] == 2  # ZeRO-1 -> FSDP (noted as inexact)
-    assert par["data_parallel_replicate_degree"] == 1
-    assert par["pipeline_parallel_schedule"] == "1F1B"
-    assert par["pipeline_parallel_microbatch_size"] == 2
-    assert par["pipeline_parallel_split_points"] == ["layers.3"]
-    assert doc["activation_checkpoint"]["mode"] == "selective"
-    assert doc["training"]["local_batch_size"] == 32
-    assert "ZeRO-1 has no exact torchtitan equivalent" in text
-
-
-def test_torchtitan_ddp_and_interleaved() -> None:
-    plan = _plan(zero_stage=0, schedule="interleaved_1f1b", virtual_stages=2, recompute="full")
-    doc = tomllib.loads(emit(plan, "torchtitan"))
-    assert doc["parallelism"]["data_parallel_replicate_degree"] == 2
-    assert doc["parallelism"]["data_parallel_shard_degree"] == 1
-    assert doc["parallelism"]["pipeline_parallel_schedule"] == "Interleaved1F1B"
-    assert doc["parallelism"]["pipeline_parallel_layers_per_stage"] == 2
-    assert doc["activation_checkpoint"]["mode"] == "full"
-
-
-def test_megatron_flags() -> None:
-    text = emit(_plan(recompute="full"), "megatron")
-    for flag in (
-        "--tensor-model-parallel-size 4",
-        "--pipeline-model-parallel-size 2",
-        "--micro-batch-size 2",
-        "--global-batch-size 64",
-        "--sequence-parallel",
-        "--recompute-granularity full",
-        "--recompute-method uniform",
-        "--use-distributed-optimizer",
-        "--decoder-first-pipeline-num-layers 3",
-        "--decoder-last-pipeline-num-layers 5",
-        "--bf16",
-    ):
-        assert flag in text, flag
-    inter = emit(_plan(schedule="interleaved_1f1b", virtual_stages=2), "megatron")
-    assert "--num-layers-per-virtual-pipeline-stage 2" in inter
-    assert "--recompute-granularity selective" in inter
-    z3 = emit(_plan(zero_stage=3), "megatron")
-    assert "ZeRO-3" in z3 and "weights stay replicated" in z3
-
-
-def test_unknown_format_names_the_allowed_ones() -> None:
-    with pytest.raises(ConfigError, match="torchtitan, megatron"):
-        emit(_plan(), "deepspeed")
-
-
 def _interleaved_plan(chunk_sizes: list[int]) -> Plan:
     """pp=2, one stage per chunk, chunk c on pipeline rank c % 2 (the emitter's layout)."""
     stages, k = [], 0
@@ -211,9 +153,3 @@ def test_render_groups_interleaved_chunks_per_rank_group() -> None:
     assert "stages (2 x 2 chunks):" in text
     assert "ranks 0-7              2 chunks of 1/2 blocks: embed, layers.0 | layers.3-4" in text
     assert "ranks 8-15             2 chunks of 1/2 blocks: layers.1-2 | layers.5, head" in text
-
-
-@pytest.mark.parametrize("fmt", ["megatron", "torchtitan"])
-def test_uneven_chunks_are_noted_and_even_ones_are_not(fmt) -> None:
-    assert "chunks hold 1 or 2 blocks" in emit(_interleaved_plan([1, 2, 2, 1]), fmt)
-    assert "chunks hold" not in emit(_interleaved_plan([2, 2, 2, 2]), fmt)

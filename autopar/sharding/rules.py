@@ -766,7 +766,10 @@ RULES: Mapping[str, Callable[[OpNode], OpDims | None]] = _build_rules()
 
 def op_dims(node: OpNode) -> OpDims | None:
     """The op's dims record, or None when no rule knows it (the caller replicates and reports)."""
-    rule = RULES.get(base_name(node.op))
+    name = base_name(node.op)
+    rule = RULES.get(name)
+    if rule is None and name.endswith("_") and not name.startswith("_"):
+        rule = RULES.get(name[:-1])  # an in-place variant (sigmoid_, tanh_) splits like its op
     if rule is None:
         return None
     try:

@@ -500,6 +500,11 @@ def _variable_elimination(core: _Reduced, *, max_table: int) -> list[int] | None
     factors += [((g, h), m) for (g, h), m in core.pair_costs.items()]
     for cost, members in core.shared:
         vs = tuple(sorted(members))
+        cells = 1
+        for v in vs:
+            cells *= sizes[v]
+        if cells > max_table:  # one all-reduce shared by very many consumers (an RNN's weights)
+            return None
         none = np.ones([sizes[v] for v in vs])
         for k, v in enumerate(vs):
             hit = np.zeros(sizes[v])

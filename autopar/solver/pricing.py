@@ -39,6 +39,7 @@ from autopar.solver.candidates import RECOMPUTE, ZERO_STAGES, Shape
 from autopar.solver.pipeline import inflight_microbatches, solve_stages
 
 __all__ = [
+    "stage_details",
     "Priced",
     "PricingContext",
     "DPJob",
@@ -274,12 +275,14 @@ def _evaluate(
     step = pipeline_s + float(tail[last])
     on_slow = owner == slow
     busy = m * float(lat_dev[slow])
+    # the fill/drain is the other ranks' work; its point-to-point part is pipeline p2p too
+    p2p_fill = w_sum * float(p2p_dev.sum() - p2p_dev[slow])
     breakdown = TimeBreakdown(
         compute=m * float(vec.compute[on_slow].sum()) + float(opt[last]),
         recompute=m * float(vec.recompute[on_slow].sum()),
         tp_comm=m * float(vec.tp[on_slow].sum()) + float(tp_sync[last]),
-        pp_comm=m * float(p2p_dev[slow]),
-        pp_bubble=float(pipeline_s - busy),
+        pp_comm=m * float(p2p_dev[slow]) + p2p_fill,
+        pp_bubble=float(pipeline_s - busy - p2p_fill),
         dp_comm=m * float(vec.exposed_zero3[on_slow].sum()) + float(exposed_sync[last]),
         overlapped_comm=m * float(vec.hidden_zero3[on_slow].sum())
         + float(sync[last] - exposed_sync[last]),
@@ -568,3 +571,58 @@ def run_dp(
             keep(priced)
             return runs
     return runs
+
+
+def stage_details(ctx: PricingContext, p: Priced) -> tuple[list, list, list]:
+    """Per plan stage (chunk) ``StageCost``, per rank ``MemoryBreakdown`` and tail seconds of a
+    priced candidate: what the report draws and the schedule model is fed with."""
+    from autopar.plan import StageCost
+
+    shape = p.shape
+    vec = _vectors(ctx, _base(ctx, shape, p.costs), shape.dp, p.recompute, p.zero)
+    owner = np.asarray(p.stages)
+    pp = shape.pp
+    # forward: compute and tp comm, plus what ZeRO-3's prefetch of the weights does not hide
+    fwd_part = np.fromiter((c.fwd_s + c.tp_fwd_s for c in p.costs), float, len(p.costs))
+    if p.zero == 3 and shape.dp > 1:
+        gather = np.fromiter((c.zero3_gather_s for c in p.costs), float, len(p.costs))
+        fwd_part = fwd_part + np.maximum(0.0, gather - fwd_part)
+    bwd_part = vec.lat - fwd_part
+    stages = []
+    for _, members in plan_stage_layers(owner, pp=pp, v=p.virtual_stages):
+        last = int(members[-1])
+        boundary = last + 1 < len(owner)
+        stages.append(
+            StageCost(
+                fwd_s=float(fwd_part[members].sum()),
+                bwd_s=float(bwd_part[members].sum()),
+                send_s=float(vec.p2p[last] / 2.0) if boundary else 0.0,
+            )
+        )
+    flight = _inflight(p.schedule, pp, p.microbatches, p.virtual_stages)
+    w = np.bincount(owner, vec.weights, pp)
+    g = np.bincount(owner, vec.grads, pp)
+    o = np.bincount(owner, vec.optimizer, pp)
+    a = flight * np.bincount(owner, vec.saved, pp)
+    other = np.zeros(pp)
+    np.maximum.at(other, owner, vec.transient)
+    memory = [
+        MemoryBreakdown(
+            weights=float(w[r]),
+            grads=float(g[r]),
+            optimizer=float(o[r]),
+            activations=float(a[r]),
+            other=float(other[r]),
+            capacity=float(ctx.capacity_bytes),
+        )  # fmt: skip
+        for r in range(pp)
+    ]
+    sync = np.bincount(owner, vec.grad_sync, pp)
+    window = np.bincount(owner, vec.bwd_window, pp)
+    exposed = np.maximum(0.0, sync - window) if ctx.overlap_grad_reduce else sync
+    tp_sync = np.bincount(owner, vec.tp_sync, pp)
+    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if p.zero >= 1 else 1)
+    intercept, slope = ctx.optimizer_line
+    opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
+    tail = [float(x) for x in exposed + tp_sync + opt]
+    return stages, memory, tail

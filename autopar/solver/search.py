@@ -421,6 +421,28 @@ def search(
     ):
         raise ConfigError(f"must be a positive number, got {time_limit_s!r}", field="time_limit")
     model = prepare_model(model_or_graph, seq_len=config.seq_len, dtype=config.dtype)
+    try:
+        return _search(
+            model, cluster, config, fixed=fixed, top_k=top_k, time_limit_s=time_limit_s,
+            progress=progress, model_spec=model_spec, t_start=t_start,
+        )  # fmt: skip
+    except InfeasibleError as e:
+        raise _with_verified_suggestions(e, model, cluster, config, fixed) from None
+
+
+def _search(
+    model: Any,
+    cluster: Any,
+    config: TrainingConfig,
+    *,
+    fixed: dict[str, Any],
+    top_k: int,
+    time_limit_s: float | None,
+    progress: bool,
+    model_spec: str | None,
+    t_start: float,
+) -> Plan:
+    """The search on a prepared model (``search`` validates and prepares)."""
     world = int(cluster.num_devices)
     capacity = float(cluster.memory_bytes) * (1.0 - config.memory_headroom)
     max_tp = max(2 * int(cluster.devices_per_host), 1)
@@ -531,14 +553,12 @@ def search(
 
     if not best and not need:
         raise ConfigError(
-            f"no plan can be formed with fixed={fixed}: a pinned schedule, microbatch count or "
-            f"chunking does not fit {model.num_blocks} blocks and batch {config.global_batch} "
-            "(interleaved_1f1b needs blocks >= pp x chunks with chunks >= 2 and microbatches "
-            "divisible by pp; a pipeline needs at least as many microbatches as stages)",
+            f"no plan can be formed with fixed={fixed}: "
+            + _unformable_reason(shapes, fixed, model.num_blocks, config.global_batch),
             field="fixed",
         )
     if not best:
-        raise _infeasible(model, cluster, config, fixed, need, capacity)
+        raise _infeasible(model, cluster, config, need, capacity)
 
     candidates = sorted(best.values(), key=lambda p: p.step_s)
     winner = candidates[0]
@@ -566,7 +586,7 @@ def search(
         )
     else:
         stats["gap"] = 0.0
-    return _build_plan(ctx, winner, candidates, stats, top_k, model_spec=model_spec)
+    return _build_plan(ctx, winner, candidates, stats, top_k, model_spec=model_spec, pctx=pctx)
 
 
 def _lower_bound_s(model: Any, cluster: Any, config: TrainingConfig) -> float:
@@ -596,13 +616,32 @@ def _optimizer_line(cluster: Any, config: TrainingConfig) -> tuple[float, float]
     return t1 - slope * 1e9, slope
 
 
+def _unformable_reason(
+    shapes: list[Shape], fixed: dict[str, Any], num_blocks: int, batch: int
+) -> str:
+    """Which pinned rule left no candidate, named (shapes exist, none could be laid out)."""
+    if fixed.get("schedule") == "interleaved_1f1b":
+        pps = sorted({s.pp for s in shapes})
+        v = fixed.get("virtual_stages", 2)
+        if all(pp < 2 for pp in pps):
+            return "interleaved_1f1b needs a pipeline (pp >= 2)"
+        if all(num_blocks < pp * v for pp in pps):
+            return (
+                f"interleaved_1f1b needs at least one block per chunk: {num_blocks} blocks < pp "
+                f"x chunks = {min(pps) * v} (pp={min(pps)}, chunks={v})"
+            )
+        counts = sorted({batch // (s.dp * s.b) for s in shapes})
+        return (
+            f"interleaved_1f1b needs the microbatch count divisible by pp (Megatron's schedule): "
+            f"microbatches {counts[:6]} with pp {pps}"
+        )
+    if "virtual_stages" in fixed:
+        return "virtual_stages is only used by the interleaved_1f1b schedule (pin that too)"
+    return "the pinned choices leave no schedule that fits the blocks and microbatches"
+
+
 def _infeasible(
-    model: Any,
-    cluster: Any,
-    config: TrainingConfig,
-    fixed: dict[str, Any],
-    need: list[float],
-    capacity: float,
+    model: Any, cluster: Any, config: TrainingConfig, need: list[float], capacity: float
 ) -> InfeasibleError:
     least = (
         min(need)
@@ -611,26 +650,109 @@ def _infeasible(
         * (config.dtype_bytes * 2 + config.optimizer_state_bytes)
         / max(1, cluster.num_devices)
     )
-    suggestions = []
-    if fixed.get("zero", 3) != 3:
-        suggestions.append("allow ZeRO-3 (shard weights, gradients and optimizer state over dp)")
-    if fixed.get("recompute", "full") != "full":
-        suggestions.append("use full activation recompute (keep only each layer's input)")
-    if fixed.get("micro_batch_size", 1) != 1:
-        suggestions.append("use micro-batch size 1")
-    for key in ("tp", "pp", "dp"):
-        if key in fixed:
-            suggestions.append(
-                f"unpin {key}={fixed[key]} so the search can split the model further"
-            )
     return InfeasibleError(
         f"{model.name} ({model.param_count / 1e9:.2f}B parameters) does not fit on "
         f"{cluster.num_devices} x {cluster.device.name} with batch {config.global_batch} in any "
         "layout searched",
         needed_bytes=float(least),
         available_bytes=float(capacity),
-        suggestions=suggestions,
     )
+
+
+MAX_HOST_TRIES = 6
+"""Host counts tried when checking a "use more hosts" suggestion."""
+
+
+def _feasible(model: Any, cluster: Any, config: TrainingConfig, fixed: dict[str, Any]) -> bool:
+    try:
+        _search(model, cluster, config, fixed=fixed, top_k=0, time_limit_s=None,
+                progress=False, model_spec=None, t_start=time.perf_counter())  # fmt: skip
+    except (InfeasibleError, ConfigError):
+        return False
+    return True
+
+
+def _lean(fixed: dict[str, Any]) -> dict[str, Any]:
+    """The pins plus the least-memory choice of everything not pinned (a quick fit test)."""
+    out = dict(fixed)
+    out.setdefault("zero", 3)
+    out.setdefault("recompute", "full")
+    out.setdefault("micro_batch_size", 1)
+    return out
+
+
+def _with_verified_suggestions(
+    error: InfeasibleError, model: Any, cluster: Any, config: TrainingConfig, fixed: dict[str, Any]
+) -> InfeasibleError:
+    """The same error with only the remedies that were checked to make the model fit: each is
+    re-run through the search before it is printed."""
+    tries: list[tuple[str, dict[str, Any]]] = []
+    if fixed.get("zero", 3) != 3:
+        tries.append(("allow ZeRO-3 (shard weights, gradients and optimizer state over dp)",
+                      {k: v for k, v in fixed.items() if k != "zero"}))  # fmt: skip
+    if fixed.get("recompute", "full") != "full":
+        tries.append(("use full activation recompute (keep only each layer's input)",
+                      {k: v for k, v in fixed.items() if k != "recompute"}))  # fmt: skip
+    if fixed.get("micro_batch_size", 1) != 1 or "microbatches" in fixed:
+        tries.append(
+            (
+                "use micro-batch size 1",
+                {**{k: v for k, v in fixed.items() if k != "microbatches"}, "micro_batch_size": 1},
+            )
+        )
+    for key in ("tp", "pp", "dp"):
+        if key in fixed:
+            tries.append((f"unpin {key}={fixed[key]} so the search can split the model further",
+                          {k: v for k, v in fixed.items() if k != key}))  # fmt: skip
+    verified = [text for text, pins in tries if _feasible(model, cluster, config, _lean(pins))]
+    pins = {k: v for k, v in fixed.items() if k in ("tp", "pp")}
+    hosts = _more_hosts(error, model, cluster, config, pins)
+    if hosts is not None:
+        verified.append(
+            f"use {hosts} hosts ({hosts * cluster.devices_per_host} devices; checked to fit)"
+        )
+    elif pins:
+        hosts = _more_hosts(error, model, cluster, config, {})
+        if hosts is not None:
+            verified.append(
+                f"unpin {', '.join(f'{k}={v}' for k, v in pins.items())} and use {hosts} hosts "
+                f"({hosts * cluster.devices_per_host} devices; checked to fit)"
+            )
+    if not verified:
+        verified.append(
+            "no single change checked here makes it fit: a smaller model, a shorter sequence or "
+            "devices with more memory"
+        )
+    return InfeasibleError(
+        error.message,
+        needed_bytes=error.needed_bytes,
+        available_bytes=error.available_bytes,
+        suggestions=verified,
+    )
+
+
+def _more_hosts(
+    error: InfeasibleError, model: Any, cluster: Any, config: TrainingConfig, pins: dict[str, Any]
+) -> int | None:
+    """The fewest hosts (from the memory estimate upwards, a few tries) on which the search
+    finds a plan with ``pins``."""
+    from autopar.topology.load import load_cluster
+
+    source = getattr(cluster, "file", "") or cluster.name
+    factor = error.needed_bytes / max(error.available_bytes, 1.0)
+    start = max(cluster.num_hosts + 1, math.ceil(cluster.num_hosts * factor))
+    tried = 0
+    hosts = start
+    while tried < MAX_HOST_TRIES:
+        try:
+            bigger = load_cluster(source, nodes=hosts)
+        except ConfigError:
+            return None  # beyond what the topology allows
+        if _feasible(model, bigger, config, _lean(pins)):
+            return hosts
+        tried += 1
+        hosts = hosts + max(1, hosts // 4)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +802,10 @@ def _build_plan(
     k: int,
     *,
     model_spec: str | None,
+    pctx: PricingContext,
 ) -> Plan:
+    from autopar.solver.pricing import stage_details
+
     model = ctx.model
     shape = win.shape
     names = [layer.name for layer in model.layers]
@@ -735,6 +860,7 @@ def _build_plan(
     land = tuple(_alternative(p) for p in sorted(landscape.values(), key=lambda p: p.step_s))
     stats = dict(stats)
     stats["winner_variant"] = "time-optimal" if win.variant == 0 else "memory-lean"
+    details = stage_details(pctx, win)
     cfg = ctx.config
     cluster = ctx.cluster
     return Plan(
@@ -777,7 +903,12 @@ def _build_plan(
         placements=placements,
         layouts=layouts,
         unknown_ops=unknown,
-        predicted=_prediction(ctx, win),
+        predicted=replace(
+            _prediction(ctx, win),
+            stages=tuple(details[0]),
+            rank_memory=tuple(details[1]),
+            rank_tail_s=tuple(details[2]),
+        ),  # fmt: skip
         alternatives=tuple(alternatives),
         landscape=land,
         solver=stats,

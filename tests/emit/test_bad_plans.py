@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 from autopar.emit.mesh import validate_plan
-from autopar.emit.pipeline import layer_map
 from autopar.errors import ConfigError
 from tests.emit.harness import run_distributed
 from tests.emit.workers import bad_plan_worker, make_plan, megatron_tp, small_gpt
@@ -51,12 +50,7 @@ def test_unknown_parameter_names_fail_before_any_collective(tmp_path):
 
 def _validate(plan, *, world=None, layers=2):
     model = small_gpt(layers)
-    validate_plan(
-        plan,
-        world_size=world if world is not None else plan.num_devices,
-        model=model,
-        model_layer_names=layer_map(model).names,
-    )
+    validate_plan(plan, world_size=world if world is not None else plan.num_devices, model=model)
 
 
 def test_valid_plans_pass():
@@ -155,13 +149,23 @@ def test_stage_devices_must_follow_row_major_mesh():
     assert info.value.field == "stages[0].devices"
 
 
-def test_tied_embeddings_across_stages_are_rejected():
-    from autopar.emit.apply import _check_tied_parameters
-    from autopar.models.gpt import gpt
+def test_a_tp_plan_without_op_layouts_is_refused():
+    """A tp > 1 plan must say how every op is split: nothing is guessed from module names."""
+    from autopar.emit.program import build_program
 
-    model = gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, tie_embeddings=True)
-    plan = make_plan(layers=2, pp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]])
-    with pytest.raises(ConfigError, match="tied"):
-        _check_tied_parameters(model, plan)
-    one_stage = make_plan(layers=2, dp=2)
-    _check_tied_parameters(model, one_stage)
+    model = small_gpt(2)
+    plan = make_plan(layers=2, tp=2, tp_placements=megatron_tp(2))
+    with pytest.raises(ConfigError, match="no op layouts") as info:
+        build_program(model, plan, model.example_inputs(4))
+    assert info.value.field == "layouts"
+
+
+def test_a_plan_for_another_model_is_refused():
+    from autopar.emit.program import build_program
+    from tests.user_models import renamed_gpt
+
+    plan = make_plan(layers=2, dp=2)
+    other = renamed_gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, device="cpu")
+    with pytest.raises(ConfigError, match="layers") as info:
+        build_program(other, plan, other.example_inputs(4))
+    assert info.value.field == "layers"

@@ -1,36 +1,44 @@
-"""``autopar launch plan.json -- examples/train_gpt.py`` trains end to end on 4 CPU processes.
+"""The example path works as written: ``autopar plan ... --json plan.json`` then ``autopar launch
+plan.json -- examples/train_gpt.py`` trains on 4 CPU processes.
 
-This goes through the real torchrun (``python -m torch.distributed.run --standalone``, which
-picks a free rendezvous port itself), the ``AUTOPAR_PLAN`` hand-off and the example's loop.
+Goes through the real CLI, the real torchrun (``python -m torch.distributed.run --standalone``,
+which picks a free rendezvous port itself), the ``AUTOPAR_PLAN`` hand-off, the model spec the
+plan stores, and the example's loop.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import replace
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from autopar.emit.launch import launch
-from tests.emit.workers import make_plan, megatron_tp
+from tests.emit.matrix import four_device_cluster
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_gpt.py"
-SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq_len=16,tie_embeddings=False"
+SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq_len=16"
 
 
 @pytest.mark.distributed
-def test_launch_runs_the_example_and_the_loss_falls(tmp_path, capfd, monkeypatch):
+def test_plan_then_launch_trains_and_the_loss_falls(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plan = make_plan(
-        layers=2, pp=2, tp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]],
-        schedule="1f1b", microbatches=2, recompute="selective", tp_placements=megatron_tp(2),
+    cluster = four_device_cluster(tmp_path)
+    plan_path = tmp_path / "plan.json"
+    cli = [sys.executable, "-m", "autopar.cli"]
+    subprocess.run(
+        [*cli, "plan", SPEC, "--cluster", str(cluster), "--global-batch", "8", "--dtype", "fp32",
+         "--tp", "2", "--json", str(plan_path), "--quiet"],
+        check=True, capture_output=True, text=True,
     )  # fmt: skip
-    path = tmp_path / "plan.json"
-    replace(plan, model=SPEC).to_json(path)
-    code = launch(path, [str(EXAMPLE), "--steps", "6", "--lr", "1e-2"])
-    out = capfd.readouterr().out
-    assert code == 0, out
-    losses = [float(m) for m in re.findall(r"step \d+ loss ([0-9.]+)", out)]
-    assert len(losses) == 6, out
+    assert json.loads(plan_path.read_text())["model_spec"] == SPEC
+    run = subprocess.run(
+        [*cli, "launch", str(plan_path), "--", str(EXAMPLE), "--steps", "6", "--lr", "1e-2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    losses = [float(m) for m in re.findall(r"step \d+ loss ([0-9.]+)", run.stdout)]
+    assert len(losses) == 6, run.stdout
     assert losses[-1] < 0.8 * losses[0], losses

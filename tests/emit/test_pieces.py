@@ -1,5 +1,5 @@
-"""Single-process tests of the emitter's pure pieces: layer map, stage cut, TP styles,
-checkpointing policy and the torchrun command line."""
+"""Single-process tests of the emitter's pieces: the traced program cut into layers, stages run
+in a chain, recompute regions, and the torchrun command line."""
 
 from __future__ import annotations
 
@@ -7,135 +7,119 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from autopar.emit.checkpointing import apply_activation_checkpointing
 from autopar.emit.launch import PLAN_ENV, launch, torchrun_command
-from autopar.emit.pipeline import build_stage_module, layer_map
-from autopar.emit.tensor_parallel import tp_styles
+from autopar.emit.pipeline import Executor, build_stage_module
+from autopar.emit.program import build_program
 from autopar.errors import ConfigError
 from tests.emit.workers import batch, make_plan, megatron_tp, small_gpt
 
 
-def test_layer_map_of_the_zoo_gpt():
-    lmap = layer_map(small_gpt(3))
-    assert lmap.container == "layers"
-    assert lmap.embed == ("tok_embed", "pos_embed")
-    assert lmap.head == ("norm", "lm_head")
-    assert lmap.names == ("embed", "layers.0", "layers.1", "layers.2", "head")
+def _stages(model, plan, inputs, recompute="none"):
+    program = build_program(model, plan, inputs)
+    ex = Executor(program, tp_mesh=None, sequence_parallel=False, recompute=recompute,
+                  device=torch.device("cpu"))  # fmt: skip
+    index = {p.name: i for i, p in enumerate(program.parts)}
+    n = len(plan.stages)
+    return program, [
+        build_stage_module(
+            program, [index[x] for x in st.layers], model=model, executor=ex, is_first=i == 0,
+            is_last=i == n - 1, distribute=None,
+        )  # fmt: skip
+        for i, st in enumerate(plan.stages)
+    ]
 
 
-def test_stage_modules_chained_equal_the_full_model():
+def test_stages_of_the_traced_program_chained_equal_the_model():
     model = small_gpt(3)
     x, _ = batch()
     want = model(x)
     cuts = [["embed", "layers.0"], ["layers.1"], ["layers.2", "head"]]
-    stages = [build_stage_module(model, layers=c, copy_model=True) for c in cuts]
-    held = [
-        sorted({n.split(".")[1] for n, _ in s.named_parameters() if n.startswith("layers.")})
-        for s in stages
-    ]
+    plan = make_plan(layers=3, pp=3, stage_layers=cuts, microbatches=3)
+    program, stages = _stages(model, plan, x)
+    # each stage holds exactly the parameters its layers read, under the model's own names
+    held = [sorted({n.split(".")[1] for n, _ in s.named_parameters() if n.startswith("layers.")})
+            for s in stages]  # fmt: skip
     assert held == [["0"], ["1"], ["2"]]
-    assert stages[0].lm_head is None and stages[2].tok_embed is None
-    h = x
-    for s in stages:
-        h = s(h)
-    torch.testing.assert_close(h, want, rtol=0, atol=0)
+    names0 = {n for n, _ in stages[0].named_parameters()}
+    assert "tok_embed.weight" in names0 and "norm.weight" not in names0
+    h = stages[0](x)
+    h = stages[1](*h)
+    got = stages[2](*h)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_stage_cut_in_place_keeps_full_model_names():
+def test_tied_weights_get_a_copy_on_each_stage_under_the_name_that_stage_uses():
+    from autopar.models import gpt
+
+    torch.manual_seed(0)
+    model = gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, device="cpu")
+    assert model.lm_head.weight is model.tok_embed.weight
+    plan = make_plan(layers=2, pp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]],
+                     microbatches=2)  # fmt: skip
+    x, _ = batch()
+    _, (first, last) = _stages(model, plan, x)
+    assert "tok_embed.weight" in dict(first.named_parameters())
+    assert "lm_head.weight" in dict(last.named_parameters())
+    assert "tok_embed.weight" not in dict(last.named_parameters())
+    torch.testing.assert_close(last(*first(x)), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_with_extra_inputs_run_in_any_container():
+    """Llama blocks take (x, rope); the renamed GPT keeps its blocks in a ModuleList."""
+    from autopar.models import llama
+    from tests.user_models import renamed_gpt
+
+    torch.manual_seed(0)
+    for model in (
+        llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seq_len=16, device="cpu"),
+        renamed_gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, device="cpu"),
+    ):
+        from autopar.graph.layers import group_layers
+        from autopar.graph.trace import trace
+
+        x = model.example_inputs(4)[0]
+        names = [layer.name for layer in group_layers(trace(model, x))]
+        blocks = names[1:-1]
+        cuts = [["embed", blocks[0]], [blocks[1], "head"]]
+        from dataclasses import replace
+
+        from autopar.plan import LayerSpec
+
+        plan = make_plan(layers=2, pp=2, stage_layers=cuts, microbatches=2)
+        plan = replace(plan, layers=tuple(
+            LayerSpec(name=n, kind=n if n in ("embed", "head") else "block") for n in names
+        ))  # fmt: skip
+        _, (first, last) = _stages(model, plan, x)
+        torch.testing.assert_close(last(*first(x)), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(mode):
     model = small_gpt(2)
-    stage = build_stage_module(model, layers=["layers.1", "head"])
-    assert stage is model
-    names = {n for n, _ in model.named_parameters()}
-    assert "layers.1.attn.q.weight" in names and "lm_head.weight" in names
-    assert not any(n.startswith(("layers.0.", "tok_embed")) for n in names)
-
-
-def test_tp_styles_derive_megatron_pairs_from_placements():
-    model = small_gpt(1)
-    styles = {a.module: (a.style, a.sharded_io) for a in tp_styles(model, tp_of=megatron_tp(1))}
-    assert styles["layers.0.attn.q"] == ("colwise", True)
-    assert styles["layers.0.attn.o"] == ("rowwise", True)
-    assert styles["layers.0.mlp.up"] == ("colwise", True)
-    assert styles["layers.0.mlp.down"] == ("rowwise", True)
-    assert styles["lm_head"] == ("colwise", False)  # no rowwise sibling: output gathered
-    assert styles["tok_embed"] == ("rowwise", False)  # vocabulary-parallel embedding
-    assert "layers.0.attn_norm" not in styles  # replicated parameters stay plain tensors
-
-
-def test_tp_styles_need_no_gpt_names():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc_in = nn.Linear(8, 32)
-            self.fc_out = nn.Linear(32, 8)
-            self.scale = nn.Parameter(torch.ones(8))
-
-    model = nn.Sequential(Block(), nn.Linear(8, 4))
-    tp_of = {
-        "0.fc_in.weight": "S(0)",
-        "0.fc_in.bias": "S(0)",
-        "0.fc_out.weight": "S(1)",
-        "0.scale": "S(0)",
-        "1.weight": "S(1)",
-    }
-    styles = {a.module: (a.style, a.sharded_io) for a in tp_styles(model, tp_of=tp_of)}
-    assert styles == {
-        "0": ("distribute", False),
-        "0.fc_in": ("colwise", True),
-        "0.fc_out": ("rowwise", True),
-        "1": ("rowwise", False),
-    }
-
-
-def test_colwise_bias_must_follow_its_weight():
-    tp_of = {"layers.0.attn.q.weight": "S(0)", "layers.0.attn.q.bias": "R"}
-    with pytest.raises(ConfigError, match="bias must be S\\(0\\)"):
-        tp_styles(small_gpt(1), tp_of=tp_of)
-
-
-def _forward_ops_rerun_in_backward(block: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Count forward ops (attention kernel, biased matmul, layer norm) run during backward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    watch = {
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: "attention",
-        torch.ops.aten.addmm.default: "linear",
-        torch.ops.aten.native_layer_norm.default: "layer_norm",
-    }
-    counts = dict.fromkeys(watch.values(), 0)
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in watch:
-                counts[watch[func]] += 1
-            return func(*args, **(kwargs or {}))
-
-    loss = block(x).sum()
-    with Count():
+    x, y = batch()
+    plan = make_plan(layers=2)
+    grads = {}
+    for recompute in ("none", mode):
+        m = copy.deepcopy(model)
+        _, (stage,) = _stages(m, plan, x, recompute=recompute)
+        loss = torch.nn.functional.cross_entropy(stage(x).flatten(0, 1), y.flatten())
         loss.backward()
-    return counts
+        grads[recompute] = {n: p.grad for n, p in stage.named_parameters()}
+    for name, g in grads["none"].items():
+        torch.testing.assert_close(grads[mode][name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_recompute_modes_rerun_what_they_promise_with_the_same_gradients():
-    model = small_gpt(1)
-    x = torch.randn(4, 16, 64)
-    grads, rerun = {}, {}
-    for mode in ("none", "selective", "full"):
-        block = copy.deepcopy(model.layers["0"])
-        assert apply_activation_checkpointing([block], mode=mode) == (mode != "none")
-        rerun[mode] = _forward_ops_rerun_in_backward(block, x)
-        grads[mode] = [p.grad for p in block.parameters()]
-    assert rerun["none"] == {"attention": 0, "linear": 0, "layer_norm": 0}
-    # selective: only the attention core is recomputed, the linears and norms are saved
-    assert rerun["selective"] == {"attention": 1, "linear": 0, "layer_norm": 0}
-    # full: the block runs again: both norms, attention, q/k/v/o and up (down's output is
-    # needed by no backward formula, and non-reentrant checkpointing stops once it has all)
-    assert rerun["full"] == {"attention": 1, "linear": 5, "layer_norm": 2}
-    for mode in ("selective", "full"):
-        for a, b in zip(grads[mode], grads["none"]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+def test_selective_recompute_regions_are_the_attention_core():
+    from autopar.emit.checkpointing import core_regions
+
+    model = small_gpt(2)
+    x, _ = batch()
+    program = build_program(model, make_plan(layers=2), x)
+    block = program.parts[1]
+    regions = core_regions(block)
+    assert len(regions) == 1
+    assert [str(n.target) for n in regions[0].nodes] == ["aten.scaled_dot_product_attention.default"]
 
 
 def test_torchrun_command_single_and_multi_node():
@@ -162,29 +146,6 @@ def test_launch_dry_run_prints_the_exact_line(tmp_path, capsys):
     assert line.startswith(f"{PLAN_ENV}={path.resolve()} ")
     assert "-m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=4" in line
     assert line.endswith("examples/train_gpt.py --steps 2")
-
-
-def test_sequence_parallel_roles_follow_the_tp_pairs():
-    from autopar.emit.tensor_parallel import sequence_parallel_roles
-
-    model = small_gpt(2)
-    roles = sequence_parallel_roles(model, assignments=tp_styles(model, tp_of=megatron_tp(2)))
-    assert roles == {
-        "layers.0": "enter",
-        **{f"layers.{i}.{c}": "norm" for i in (0, 1) for c in ("attn_norm", "mlp_norm")},
-        **{f"layers.{i}.{c}": "gather" for i in (0, 1) for c in ("attn", "mlp")},
-        "norm": "norm",
-        "lm_head": "exit",
-    }
-    # nothing sharded inside the blocks: attention must still see the whole sequence
-    plain = sequence_parallel_roles(model, assignments=[])
-    assert plain["layers.1.attn"] == "gather_scatter" and plain["layers.1.mlp"] == "gather_scatter"
-    # a later pipeline stage receives sequence shards: no "enter"
-    stage = build_stage_module(small_gpt(2), layers=["layers.1", "head"])
-    assert "layers.1" not in sequence_parallel_roles(stage, assignments=[])
-    embed_only = build_stage_module(small_gpt(2), layers=["embed"])
-    with pytest.raises(ConfigError, match="sequence parallelism"):
-        sequence_parallel_roles(embed_only, assignments=[])
 
 
 def test_multi_node_dry_run_leaves_master_addr_to_the_shell(tmp_path, capsys):

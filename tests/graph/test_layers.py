@@ -78,6 +78,8 @@ def test_pipeline_stage_without_embedding_or_head() -> None:
     model.norm = model.lm_head = None
     del model.layers["0"]
     layers = group_layers(trace(model, detect_batch=False))
-    assert [lay.name for lay in layers] == ["layers.0", "layers.1", "layers.2"]
+    # blocks are named by their real module path (what named_modules() calls them)
+    assert [lay.name for lay in layers] == ["layers.1", "layers.2", "layers.3"]
+    assert all(lay.kind == "block" for lay in layers)
     assert layers[0].module_path == "layers.1"
     assert len(distinct_layers(layers)) == 1

@@ -110,7 +110,8 @@ def simple_pricing(
         factor = {"all_reduce": 2 * (n - 1) / n, "all_to_all": (n - 1) / n}.get(kind, (n - 1) / n)
         return 5e-6 + factor * nbytes / bws[axis]
 
-    def compute(node: OpNode, div: int, phase: str) -> float:
+    def compute(node: OpNode, st, phase: str) -> float:
+        div = st.compute_divisor
         flops = node.fwd_flops if phase == "fwd" else node.bwd_flops
         nbytes = sum(m.nbytes for m in node.input_metas) + sum(m.nbytes for m in node.outputs)
         if phase == "bwd":

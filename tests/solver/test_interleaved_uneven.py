@@ -12,7 +12,6 @@ import pytest
 
 from autopar.config import TrainingConfig
 from autopar.emit.mesh import validate_plan
-from autopar.emit.pipeline import layer_map
 from autopar.models import gpt, llama
 from autopar.plan import Plan
 from autopar.solver.pricing import chunk_sizes as _chunk_sizes
@@ -29,15 +28,14 @@ def _check_looped_chunks(plan: Plan, model) -> list[int]:
     pp, v = plan.parallel.pp, plan.virtual_stages
     assert len(plan.stages) == pp * v
     names = [n for st in plan.stages for n in st.layers]
-    assert names == list(layer_map(model).names)  # each layer exactly once, in order
+    assert names == [layer.name for layer in plan.layers]  # each layer exactly once, in order
     per_rank = plan.parallel.dp * plan.parallel.tp
     for c, st in enumerate(plan.stages):
         rank = c % pp
         assert st.devices == tuple(range(rank * per_rank, (rank + 1) * per_rank))
         blocks = _blocks(st.layers)
         assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))  # contiguous chunk
-    validate_plan(plan, world_size=plan.num_devices, model=model,
-                  model_layer_names=layer_map(model).names)  # fmt: skip
+    validate_plan(plan, world_size=plan.num_devices, model=model)
     return [len(_blocks(st.layers)) for st in plan.stages]
 
 
@@ -80,7 +78,7 @@ def llama126():
 def _pinned(model, **fixed) -> Plan:
     cluster = load_cluster("dgx-a100", nodes=2)  # 16 devices: pp = 16, dp = tp = 1
     cfg = TrainingConfig(global_batch=64, seq_len=128)
-    return search(model, cluster, cfg, fixed={"pp": 16, **fixed}, layer_pricing="analytic",
+    return search(model, cluster, cfg, fixed={"pp": 16, **fixed},
                   progress=False)  # fmt: skip
 
 
@@ -109,7 +107,7 @@ def test_divisible_blocks_keep_megatrons_equal_chunks():
     model = gpt(layers=32, hidden=256, heads=4, vocab=1000, seq_len=128)
     cluster = load_cluster("dgx-a100", nodes=2)
     cfg = TrainingConfig(global_batch=64, seq_len=128)
-    plan = search(model, cluster, cfg, layer_pricing="analytic", progress=False,
+    plan = search(model, cluster, cfg, progress=False,
                   fixed={"pp": 4, "schedule": "interleaved_1f1b", "virtual_stages": 4})  # fmt: skip
     assert _check_looped_chunks(plan, model) == [2] * 16
     # Megatron's layout, written out: chunk c holds blocks 2c, 2c+1 and sits on rank c mod 4

@@ -40,11 +40,15 @@ def test_p2p_is_priced_on_the_boundary_that_crosses_hosts(tmp_path):
 
 def test_a_tied_embedding_weight_is_not_sent_between_layers():
     """The head reads the tied token embedding, so it 'leaves' the embed layer, but only the
-    b x s x h hidden state is sent per microbatch (p2p and the embedding's tp all-reduce)."""
-    from autopar.graph.layers import group_layers, layer_graph
-    from autopar.graph.trace import trace
-    from autopar.solver.search import _output_bytes
+    b x s x h hidden state is sent per microbatch (the pipeline send)."""
+    from autopar.graph.prepare import prepare_model
+    from autopar.sharding.layer_plan import choose_layer, price_layer
 
-    graph = trace(gpt(layers=2, hidden=256, heads=4, vocab=4000, seq_len=128))
-    embed = next(x for x in group_layers(graph) if x.name == "embed")
-    assert _output_bytes(layer_graph(graph, embed)) == 1 * 128 * 256 * 4  # fp32 trace
+    cluster = load_cluster("dgx-a100", nodes=1)
+    model = prepare_model(gpt(layers=2, hidden=256, heads=4, vocab=4000, seq_len=128), dtype="fp32")
+    embed = model.layers[0]
+    assert embed.kind == "embed"
+    choice = choose_layer(embed.graph, tp=1, world=8, cluster=cluster, dtype="fp32",
+                          sequence_parallel=False)  # fmt: skip
+    price = price_layer(embed.graph, choice, tp=1, world=8, cluster=cluster, dtype="fp32")
+    assert price.output_bytes == 1 * 128 * 256 * 4
