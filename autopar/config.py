@@ -83,6 +83,10 @@ class TrainingConfig:
     """Optimizer whose state is kept per parameter (adam: 12 bytes/param under mixed precision)."""
     memory_headroom: float = 0.1
     """Fraction of device memory kept free for the allocator, workspaces and fragmentation."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clipping threshold (Megatron-LM's ``--clip-grad`` default 1.0);
+    None turns it off. Priced: one pass over the gradients for their norm, a scalar
+    all-reduce over every rank, one pass to scale them."""
     stack: str | None = None
     """A software-stack preset (``STACKS``) setting the three fields below together; a field
     given explicitly wins over the preset."""
@@ -114,6 +118,14 @@ class TrainingConfig:
         if not 0.0 <= self.memory_headroom < 1.0:
             raise ConfigError(
                 f"must be in [0, 1), got {self.memory_headroom!r}", field="memory_headroom"
+            )
+        if self.grad_clip is not None and (
+            isinstance(self.grad_clip, bool)
+            or not isinstance(self.grad_clip, int | float)
+            or self.grad_clip <= 0
+        ):
+            raise ConfigError(
+                f"must be a positive number or None, got {self.grad_clip!r}", field="grad_clip"
             )
         if self.stack is not None and self.stack not in STACKS:
             raise ConfigError(f"unknown stack {self.stack!r}", field="stack", allowed=tuple(STACKS))

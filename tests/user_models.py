@@ -20,8 +20,11 @@ from autopar.models.llama import LlamaConfig
 
 
 class _Mixer(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_heads: int, bias: bool) -> None:
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, bias: bool, dropout: float = 0.0
+    ) -> None:
         super().__init__()
+        self.p = dropout
         self.hd = hidden // heads
         self.rep = heads // kv_heads
         self.wq = nn.Linear(hidden, heads * self.hd, bias=bias)
@@ -41,7 +44,11 @@ class _Mixer(nn.Module):
             k = k.unsqueeze(3).expand(-1, -1, -1, self.rep, -1).reshape(b, s, -1, self.hd)
             v = v.unsqueeze(3).expand(-1, -1, -1, self.rep, -1).reshape(b, s, -1, self.hd)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            dropout_p=self.p if self.training else 0.0,
         )
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -70,14 +77,15 @@ class _GLU(nn.Module):
 class _GPTCell(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.p = cfg.dropout
         self.ln_a = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.mixer = _Mixer(cfg.hidden, cfg.heads, cfg.heads, bias=True)
+        self.mixer = _Mixer(cfg.hidden, cfg.heads, cfg.heads, bias=True, dropout=cfg.dropout)
         self.ln_b = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.ffn = _GeluFFN(cfg.hidden, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.ln_a(x))
-        return x + self.ffn(self.ln_b(x))
+        x = x + F.dropout(self.mixer(self.ln_a(x)), self.p, self.training)
+        return x + F.dropout(self.ffn(self.ln_b(x)), self.p, self.training)
 
 
 class RenamedGPT(nn.Module):
@@ -97,6 +105,7 @@ class RenamedGPT(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.emb(ids)
         h = h + self.pos(torch.arange(h.shape[1], device=h.device))
+        h = F.dropout(h, self.config.dropout, self.training)
         for cell in self.stack:
             h = cell(h)
         return self.out_proj(self.final_ln(h))

@@ -230,7 +230,8 @@ def build_program(model: nn.Module, plan: Plan, inputs: Any) -> Program:
                     f"{layer.name!r}; re-run `autopar plan`",
                     field="layouts",
                 )
-            part.layouts = _align(list(planned), ops, layer.name)
+            # the training loss the search priced runs in the loss function, not the program
+            part.layouts = _align([o for o in planned if not o.loss], ops, layer.name)
         seen: list[str] = []
         for n in nodes:
             for a in n.all_input_nodes:

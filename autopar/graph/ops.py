@@ -62,7 +62,18 @@ VIEW_OPS = frozenset(
 )  # fmt: skip
 """Pure views: their output is their first input's storage (no kernel, nothing stored twice)."""
 CREATION_OPS = frozenset(
-    {"arange", "zeros", "ones", "full", "empty", "scalar_tensor", "empty_strided", "randn", "rand"}
+    {
+        "arange",
+        "zeros",
+        "ones",
+        "full",
+        "empty",
+        "scalar_tensor",
+        "empty_strided",
+        "empty_permuted",
+        "randn",
+        "rand",
+    }
 )
 REDUCTION_OPS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "var", "var_mean"})
 

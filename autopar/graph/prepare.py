@@ -105,9 +105,13 @@ def in_training_dtype(graph: OpGraph, dtype: str) -> OpGraph:
     def conv(m: TensorMeta) -> TensorMeta:
         return TensorMeta(m.shape, target, m.batch_dim) if m.dtype == "float32" else m
 
+    from autopar.graph.trace import LOSS_PATH
+
     g = graph.nx_graph.copy()
     for _, data in g.nodes(data=True):
         op = data["op"]
+        if op.module_path == LOSS_PATH:
+            continue  # the loss runs in fp32 whatever the training dtype
         if any(m.dtype == "float32" for m in (*op.outputs, *op.input_metas)):
             data["op"] = dc_replace(
                 op,
@@ -368,11 +372,11 @@ def prepare_model(
         graph = None
         if fold is not None:
             try:
-                graph = trace(fold[0], inputs, name=type(model).__name__.lower())
+                graph = trace(fold[0], inputs, name=type(model).__name__.lower(), with_loss=True)
             except Exception:  # noqa: BLE001 - a model that needs all its blocks: trace in full
                 fold, graph = None, None
         if graph is None:
-            graph = trace(model, inputs, name=type(model).__name__.lower())
+            graph = trace(model, inputs, name=type(model).__name__.lower(), with_loss=True)
         name = _model_name(model)
     else:
         raise ConfigError(
@@ -386,8 +390,9 @@ def prepare_model(
     if fold is not None:
         unfolded = _unfold(layers, fold[1], fold[2])
         if unfolded is None:  # the folded trace did not show two blocks: trace in full
-            graph = in_training_dtype(trace(model_or_graph, _example_at(model_or_graph, seq_len)),
-                                      dtype)  # fmt: skip
+            graph = in_training_dtype(
+                trace(model_or_graph, _example_at(model_or_graph, seq_len), with_loss=True), dtype
+            )
             if graph.batch_size != 1:
                 graph = graph.with_batch(1)
             layers = _layers_of(graph)

@@ -56,7 +56,8 @@ from autopar.errors import ConfigError, TraceError
 from autopar.graph.opgraph import OpGraph, OpNode, TensorArg, TensorMeta, arg_leaves
 
 __all__ = [
-    "trace", "trace_program", "TracedProgram", "TracingMode", "DEVICE_NODE", "MATMUL_OPS",
+    "trace", "trace_program", "TracedProgram", "TracingMode", "DEVICE_NODE", "LOSS_PATH",
+    "MATMUL_OPS",
     "VIEW_OPS",
 ]  # fmt: skip
 
@@ -144,12 +145,17 @@ class TracedProgram:
         return pytree.tree_unflatten(leaves, self.output_spec)
 
 
+LOSS_PATH = "<loss>"
+"""Module path of the ops ``trace(..., with_loss=True)`` adds after the model's forward."""
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any = None,
     *,
     name: str | None = None,
     detect_batch: bool = True,
+    with_loss: bool = False,
 ) -> OpGraph:
     """The ATen operator graph of one forward pass of ``model``.
 
@@ -162,12 +168,19 @@ def trace(
     (At batch 1, where the fx graph can elide batch-sized no-ops, the graph may come from the
     program at batch 2, re-stated for batch 1: ``metadata["program_batch_size"]`` says which.)
 
+    ``with_loss`` appends the training loss the search prices: token cross-entropy in fp32 over
+    the last dim of the model's first float output (its logits), labelled with module path
+    ``LOSS_PATH`` (so it groups with the head, and the emitter, which runs the loss itself,
+    knows these ops are not the model's).
+
     Raises TraceError naming the op and module when the model cannot be traced (data-dependent
     control flow, an op without a fake/meta kernel).
     """
     _check_module(model)
     with _gc_paused():
-        return _trace(model, example_inputs, name=name, detect_batch=detect_batch)
+        return _trace(
+            model, example_inputs, name=name, detect_batch=detect_batch, with_loss=with_loss
+        )
 
 
 def trace_program(
@@ -207,24 +220,29 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _trace(
-    model: nn.Module, example_inputs: Any, *, name: str | None, detect_batch: bool
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    name: str | None,
+    detect_batch: bool,
+    with_loss: bool = False,
 ) -> OpGraph:
     start_s = time.perf_counter()
     args, kwargs = _normalise_inputs(model, example_inputs)
     batch = _batch_size(args, kwargs)
-    program = _trace_program(model, args, kwargs)
+    program = _trace_program(model, args, kwargs, with_loss=with_loss)
     batch_dims: dict[int, tuple[int | None, ...]] | None = None
     batch_arg_positions: dict[int, tuple[int, ...]] = {}
     traced_batch = batch
     if detect_batch and batch is not None:
         args2, kwargs2 = _grow_batch(model, example_inputs, args, kwargs, batch)
-        program2 = _trace_program(model, args2, kwargs2)
+        program2 = _trace_program(model, args2, kwargs2, with_loss=with_loss)
         diff = _diff_batch_dims(program.graph_module, program2.graph_module)
         if diff is None:
             # Batch 1 can elide no-op ops (an expand to the same shape); b+1 vs b+2 can be
             # compared, and that graph is then re-stated for batch b.
             args3, kwargs3 = _grow_batch(model, example_inputs, args2, kwargs2, batch + 1)
-            program3 = _trace_program(model, args3, kwargs3)
+            program3 = _trace_program(model, args3, kwargs3, with_loss=with_loss)
             diff = _diff_batch_dims(program2.graph_module, program3.graph_module)
             if diff is not None:
                 program = program2
@@ -386,8 +404,31 @@ def _decomposition_table() -> dict:
     return table
 
 
+def _training_loss(out: Any) -> Any:
+    """Token cross-entropy (fp32) over the last dim of the first float output with at least two
+    dims, against fixed targets (the graph's shape is what matters; values never are)."""
+    import torch.nn.functional as F
+
+    logits = next(
+        (t for t in pytree.tree_leaves(out)
+         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2),
+        None,
+    )  # fmt: skip
+    if logits is None:
+        return None
+    with fx_traceback.annotate({"module_path": LOSS_PATH}):
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        targets = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+        return F.cross_entropy(flat, targets)
+
+
 def _trace_program(
-    model: nn.Module, args: tuple, kwargs: dict, *, tracing_mode: TracingMode = "fake"
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    tracing_mode: TracingMode = "fake",
+    with_loss: bool = False,
 ) -> TracedProgram:
     """make_fx over ``functional_call`` with parameters, buffers and inputs as placeholders."""
     named_params = list(model.named_parameters())
@@ -404,6 +445,10 @@ def _trace_program(
         state = dict(zip(state_names, flat[: n_params + n_buffers]))
         a, kw = pytree.tree_unflatten(list(flat[n_params + n_buffers :]), in_spec)
         out = torch.func.functional_call(model, state, a, kw)
+        if with_loss:
+            loss = _training_loss(out)
+            if loss is not None:
+                out = (out, loss)
         leaves, out_spec = pytree.tree_flatten(out)
         returned.append((leaves, out_spec))
         return [t for t in leaves if isinstance(t, torch.Tensor)]

@@ -38,6 +38,9 @@ class BertConfig:
     ffn_hidden: int
     type_vocab: int = 2
     norm_eps: float = 1e-12
+    dropout: float = 0.1
+    """``hidden_dropout_prob`` and ``attention_probs_dropout_prob`` of BERT (Devlin et al. 2019,
+    the released configs): 0.1 on embeddings, attention probabilities and residual branches."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -48,14 +51,17 @@ class BertBlock(nn.Module):
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.attn = Attention(hidden=cfg.hidden, heads=cfg.heads, bias=True, causal=False)
+        self.p = cfg.dropout
+        self.attn = Attention(
+            hidden=cfg.hidden, heads=cfg.heads, bias=True, causal=False, dropout=cfg.dropout
+        )
         self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = GeluMLP(hidden=cfg.hidden, ffn_hidden=cfg.ffn_hidden, bias=True)
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn_norm(x + self.attn(x))
-        return self.mlp_norm(x + self.mlp(x))
+        x = self.attn_norm(x + F.dropout(self.attn(x), self.p, self.training))
+        return self.mlp_norm(x + F.dropout(self.mlp(x), self.p, self.training))
 
 
 class Bert(nn.Module):
@@ -88,6 +94,7 @@ class Bert(nn.Module):
                 h = h + self.type_embed(torch.zeros_like(tokens))
             if self.embed_norm is not None:
                 h = self.embed_norm(h)
+            h = F.dropout(h, self.config.dropout, self.training)
         for layer in self.layers.values():
             h = layer(h)
         if self.head_transform is not None:
@@ -111,6 +118,7 @@ def bert(
     vocab: int = 30522,
     seq_len: int = 512,
     ffn_hidden: int | None = None,
+    dropout: float = 0.1,
     device: str | torch.device = "meta",
     dtype: torch.dtype | None = None,
 ) -> Bert:
@@ -123,6 +131,6 @@ def bert(
     check_divisible("hidden", hidden, "heads", heads)
     cfg = BertConfig(
         layers=layers, hidden=hidden, heads=heads, vocab=vocab, seq_len=seq_len,
-        ffn_hidden=ffn_hidden,
+        ffn_hidden=ffn_hidden, dropout=dropout,
     )  # fmt: skip
     return construct(Bert, cfg, device=device, dtype=dtype)

@@ -61,6 +61,7 @@ def learned_position_decoder_forward(model: nn.Module, tokens: torch.Tensor) -> 
         h = model.tok_embed(tokens)
     if model.pos_embed is not None:
         h = h + model.pos_embed(torch.arange(h.shape[1], device=h.device))
+        h = F.dropout(h, getattr(model.config, "dropout", 0.0), model.training)
     for layer in model.layers.values():
         h = layer(h)
     if model.norm is not None:
@@ -117,9 +118,12 @@ class Attention(nn.Module):
         kv_heads: int | None = None,
         bias: bool = True,
         causal: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         kv_heads = kv_heads or heads
+        self.dropout = dropout
+        """Dropout on the attention probabilities (while training)."""
         check_divisible("hidden", hidden, "heads", heads)
         check_divisible("heads", heads, "kv_heads", kv_heads)
         self.head_dim = hidden // heads
@@ -145,7 +149,11 @@ class Attention(nn.Module):
             k = k.unsqueeze(3).expand(-1, -1, -1, self.n_rep, -1).reshape(b, s, -1, self.head_dim)
             v = v.unsqueeze(3).expand(-1, -1, -1, self.n_rep, -1).reshape(b, s, -1, self.head_dim)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=self.causal,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o(out.transpose(1, 2).reshape(b, s, -1))
 

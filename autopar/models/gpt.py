@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autopar.models.blocks import (
@@ -39,6 +40,10 @@ class GPTConfig:
     tie_embeddings: bool = True
     """GPT-3 shares the token embedding with the output projection (one V x h matrix)."""
     norm_eps: float = 1e-5
+    dropout: float = 0.1
+    """Dropout on embeddings, attention probabilities and both residual branches while
+    training: 0.1 as in GPT-2 (``resid/embd/attn_pdrop``) and Megatron-LM's GPT defaults
+    (``--hidden-dropout 0.1 --attention-dropout 0.1``). 0 removes the ops."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -49,14 +54,17 @@ class GPTBlock(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        self.p = cfg.dropout
         self.attn_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
-        self.attn = Attention(hidden=cfg.hidden, heads=cfg.heads, bias=True, causal=True)
+        self.attn = Attention(
+            hidden=cfg.hidden, heads=cfg.heads, bias=True, causal=True, dropout=cfg.dropout
+        )
         self.mlp_norm = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.mlp = GeluMLP(hidden=cfg.hidden, ffn_hidden=cfg.ffn_hidden, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + F.dropout(self.attn(self.attn_norm(x)), self.p, self.training)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), self.p, self.training)
 
 
 class GPT(nn.Module):
@@ -96,6 +104,7 @@ def gpt(
     ffn_hidden: int | None = None,
     tie_embeddings: bool = True,
     norm_eps: float = 1e-5,
+    dropout: float = 0.1,
     device: str | torch.device = "meta",
     dtype: torch.dtype | None = None,
 ) -> GPT:
@@ -115,5 +124,6 @@ def gpt(
         ffn_hidden=ffn_hidden or 4 * hidden,
         tie_embeddings=tie_embeddings,
         norm_eps=norm_eps,
+        dropout=dropout,
     )
     return construct(GPT, cfg, device=device, dtype=dtype)

@@ -492,6 +492,8 @@ class OpLayout:
     """Placement of the op's first output as produced."""
     core: bool = False
     """Part of the attention core (re-run by selective recompute)."""
+    loss: bool = False
+    """Part of the training loss the search adds after the model (``trace(with_loss=True)``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -686,6 +688,7 @@ def price_layer(
     this graph's shapes (a split that no longer divides).
     """
     from autopar.graph.regions import attention_core
+    from autopar.graph.trace import LOSS_PATH
     from autopar.sharding.placements import local_numel_fraction
     from autopar.sharding.problem import boundary_spec
 
@@ -729,6 +732,7 @@ def price_layer(
                 inputs=tuple(spec_strings(sp)[0] for sp in st.input_specs),
                 output=spec_strings(st.output_specs[0])[0] if st.output_specs else "R",
                 core=is_core,
+                loss=node.module_path == LOSS_PATH,
             )
         )
 

@@ -127,6 +127,10 @@ class OpDims:
     (an index into inputs + outputs)."""
     uneven: frozenset[int] = frozenset()
     """Tensors (index into inputs + outputs) allowed an uneven split (a trailing sentinel row)."""
+    row_stats: frozenset[str] = frozenset()
+    """Normalised labels that may still be split, at the price of all-reducing per-row statistics
+    (a softmax over a split vocabulary: the row maximum and the sum of exponentials forward, one
+    sum backward; Megatron's vocabulary-parallel cross-entropy)."""
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -354,14 +358,43 @@ def _rms_norm(node: OpNode) -> OpDims:
 
 
 def _softmax(node: OpNode) -> OpDims:
+    """Softmax never splits its dim inside the model (DTensor would gather it); the training
+    loss's log-softmax may, vocabulary-parallel, as ``loss_parallel`` runs it."""
+    from autopar.graph.trace import LOSS_PATH
+
     x = node.input_metas[0].shape
     d = _norm_dim(int(_arg(node, 1, -1)), len(x))
     labels = _labels("d", len(x))
+    vocab_parallel = node.module_path == LOSS_PATH
     return OpDims(
         inputs=(labels,),
         outputs=_extra_outputs(node, {tuple(x): labels}),
-        splittable=frozenset(labels) - {labels[d]},
+        splittable=frozenset(labels) if vocab_parallel else frozenset(labels) - {labels[d]},
         follow=True,
+        row_stats=frozenset({labels[d]}) if vocab_parallel else frozenset(),
+    )
+
+
+def _gather(node: OpNode) -> OpDims:
+    """gather(x, dim, index) -> out shaped like index. Splitting x's ``dim`` (a vocabulary) is
+    a masked local gather whose results sum to the answer (Partial), as in Megatron's
+    vocabulary-parallel cross-entropy; other dims split alike on x, index and out."""
+    from autopar.graph.trace import LOSS_PATH
+
+    x = node.input_metas[0].shape
+    idx = node.input_metas[1].shape
+    d = _norm_dim(int(_arg(node, 1, 0)), len(x))
+    labels = _labels("d", len(x))
+    # the masked gather is how loss_parallel runs the loss; inside the model DTensor would
+    # gather the table instead, so there the gathered dim is never split
+    vocab = "v" if node.module_path == LOSS_PATH else None
+    x_l = tuple(vocab if i == d else labels[i] for i in range(len(x)))
+    i_l = tuple(None if i == d or idx[i] != x[i] else labels[i] for i in range(len(idx)))
+    return OpDims(
+        inputs=(x_l, i_l),
+        outputs=(i_l,),
+        splittable=frozenset(lab for lab in x_l if lab is not None),
+        reductions=frozenset({"v"}) if vocab else frozenset(),
     )
 
 
@@ -744,6 +777,7 @@ def _build_rules() -> Mapping[str, Callable[[OpNode], OpDims | None]]:
         index_put_=_dispatch,
         index_select=_combine,
         topk=_topk,
+        gather=_gather,
         cumsum=_scan,
         cumprod=_scan,
         repeat=_repeat,
@@ -756,6 +790,7 @@ def _build_rules() -> Mapping[str, Callable[[OpNode], OpDims | None]]:
         empty=_creation,
         scalar_tensor=_creation,
         empty_strided=_creation,
+        empty_permuted=_creation,
     )
     return MappingProxyType(rules)
 
@@ -859,6 +894,15 @@ def build_strategy(
             nbytes = metas[t].nbytes * local_numel_fraction(specs[t], mesh_shape)
             colls.append(Collective("all_to_all", nbytes, a, "fwd"))
             colls.append(Collective("all_to_all", nbytes, a, "bwd"))
+        if lab in dims.row_stats and output_metas:
+            pos = dims.outputs[0].index(lab) if lab in dims.outputs[0] else -1
+            full = output_metas[0]
+            rows = full.numel // max(1, full.shape[pos]) if pos >= 0 else full.numel
+            # fp32 statistics of the rows this device holds (other axes may split the rows)
+            stat = 4.0 * rows * local_numel_fraction(out_specs[0], mesh_shape, skip_axis=a)
+            colls.append(Collective("all_reduce", stat, a, "fwd"))  # row maximum
+            colls.append(Collective("all_reduce", stat, a, "fwd"))  # sum of exponentials
+            colls.append(Collective("all_reduce", stat, a, "bwd"))  # sum of grad x softmax
         if lab in dims.reductions:
             continue  # output is Partial: its gradient arrives whole, inputs' grads are not partial
         for i, (ls, meta) in enumerate(zip(dims.inputs, input_metas)):

@@ -597,23 +597,34 @@ def _lower_bound_s(model: Any, cluster: Any, config: TrainingConfig) -> float:
 
 
 def _optimizer_line(cluster: Any, config: TrainingConfig) -> tuple[float, float]:
-    """(intercept_s, s_per_param): the update streams weights, grads and state through HBM once.
+    """(intercept_s, s_per_param) of the step after the last backward, per device.
 
-    compute_time_s is linear in the work (a roofline of two linear terms), so two prices give
-    the line and each candidate's devices are priced without calling it again.
+    The update streams weights, gradients and optimizer state through HBM once (a fused
+    multi-tensor kernel); gradient clipping first reads the gradients for their norm,
+    all-reduces one scalar over every rank and rescales them (one more read and write).
+    Memory-bound kernels are linear in the parameters, so two prices give the line.
     """
-    from autopar.cost.compute import compute_time_s
+    from autopar.cost.collectives import collective_time_s
+    from autopar.cost.compute import memory_bound_time_s
 
-    per_param_bytes = 2.0 * (config.optimizer_state_bytes + 2 * config.dtype_bytes)
+    state = config.optimizer_state_bytes
+    grad = config.dtype_bytes
+    update_bytes = 2.0 * (state + 2 * grad)  # read and write master/state, weights, grads
+    clip_bytes = 3.0 * grad if config.grad_clip is not None else 0.0
 
     def t(n: float) -> float:
-        return compute_time_s(
-            flops=12.0 * n, bytes_moved=n * per_param_bytes, device=cluster.device, dtype="fp32"
-        )
+        return memory_bound_time_s(
+            bytes_moved=n * (update_bytes + clip_bytes), flops=12.0 * n,
+            device=cluster.device, dtype="fp32", kernels=3 if clip_bytes else 1,
+        )  # fmt: skip
 
     t1, t2 = t(1e9), t(2e9)
     slope = (t2 - t1) / 1e9
-    return t1 - slope * 1e9, slope
+    intercept = t1 - slope * 1e9
+    if config.grad_clip is not None and cluster.num_devices > 1:
+        everyone = tuple(range(int(cluster.num_devices)))
+        intercept += collective_time_s("all_reduce", 4.0, everyone, cluster)
+    return intercept, slope
 
 
 def _unformable_reason(
@@ -834,7 +845,7 @@ def _build_plan(
             placements.setdefault(real, (storage, tp_text))
         if shape.tp > 1 and layer.signature not in layouts:
             layouts[layer.signature] = tuple(
-                OpPlacement(op=o.op, inputs=o.inputs, output=o.output, core=o.core)
+                OpPlacement(op=o.op, inputs=o.inputs, output=o.output, core=o.core, loss=o.loss)
                 for o in price.layouts
             )
         for op in price.unsupported_ops:

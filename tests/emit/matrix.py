@@ -40,12 +40,12 @@ def build(name: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "zoo-gpt":  # tied input/output embeddings (the zoo's default)
         return gpt(layers=LAYERS, hidden=HIDDEN, heads=HEADS, vocab=VOCAB, seq_len=SEQ,
-                   device=device)  # fmt: skip
+                   dropout=0.0, device=device)  # fmt: skip
     if name == "zoo-llama":  # grouped-query attention, rotary tables passed to every block
         return llama(layers=LAYERS, hidden=HIDDEN, heads=HEADS, kv_heads=2, vocab=VOCAB,
                      seq_len=SEQ, ffn_hidden=128, device=device)  # fmt: skip
     if name == "renamed":  # other names, blocks in a ModuleList called ``stack``
-        return renamed_gpt(layers=LAYERS, hidden=HIDDEN, heads=HEADS, vocab=VOCAB, seq_len=SEQ,
+        return renamed_gpt(layers=LAYERS, hidden=HIDDEN, heads=HEADS, vocab=VOCAB, seq_len=SEQ, dropout=0.0,
                            tie_embeddings=False, device=device)  # fmt: skip
     if name == "fused-qkv":  # nanoGPT: one c_attn Linear for q, k and v; tied embeddings
         with torch.device(device):

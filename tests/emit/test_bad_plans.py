@@ -55,7 +55,8 @@ def _validate(plan, *, world=None, layers=2):
 
 def test_valid_plans_pass():
     _validate(make_plan(layers=2, dp=2, tp=2, tp_placements=megatron_tp(2)))
-    _validate(make_plan(layers=2, pp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]]))
+    _validate(make_plan(layers=2, pp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]],
+                        microbatches=2))  # fmt: skip
 
 
 @pytest.mark.parametrize(

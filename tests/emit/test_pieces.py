@@ -23,8 +23,13 @@ def _stages(model, plan, inputs, recompute="none"):
     n = len(plan.stages)
     return program, [
         build_stage_module(
-            program, [index[x] for x in st.layers], model=model, executor=ex, is_first=i == 0,
-            is_last=i == n - 1, distribute=None,
+            program,
+            [index[x] for x in st.layers],
+            model=model,
+            executor=ex,
+            is_first=i == 0,
+            is_last=i == n - 1,
+            distribute=None,
         )  # fmt: skip
         for i, st in enumerate(plan.stages)
     ]
@@ -53,7 +58,7 @@ def test_tied_weights_get_a_copy_on_each_stage_under_the_name_that_stage_uses():
     from autopar.models import gpt
 
     torch.manual_seed(0)
-    model = gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, device="cpu")
+    model = gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, dropout=0.0, device="cpu")
     assert model.lm_head.weight is model.tok_embed.weight
     plan = make_plan(layers=2, pp=2, stage_layers=[["embed", "layers.0"], ["layers.1", "head"]],
                      microbatches=2)  # fmt: skip
@@ -73,7 +78,7 @@ def test_blocks_with_extra_inputs_run_in_any_container():
     torch.manual_seed(0)
     for model in (
         llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, seq_len=16, device="cpu"),
-        renamed_gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, device="cpu"),
+        renamed_gpt(layers=2, hidden=64, heads=4, vocab=128, seq_len=16, dropout=0.0, device="cpu"),
     ):
         from autopar.graph.layers import group_layers
         from autopar.graph.trace import trace
@@ -119,7 +124,9 @@ def test_selective_recompute_regions_are_the_attention_core():
     block = program.parts[1]
     regions = core_regions(block)
     assert len(regions) == 1
-    assert [str(n.target) for n in regions[0].nodes] == ["aten.scaled_dot_product_attention.default"]
+    assert [str(n.target) for n in regions[0].nodes] == [
+        "aten.scaled_dot_product_attention.default"
+    ]
 
 
 def test_torchrun_command_single_and_multi_node():

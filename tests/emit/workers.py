@@ -30,6 +30,7 @@ def small_gpt(layers: int, *, seed: int = 0) -> torch.nn.Module:
         vocab=VOCAB,
         seq_len=SEQ,
         tie_embeddings=False,
+        dropout=0.0,
         device="cpu",
     )
 
@@ -63,7 +64,7 @@ def make_plan(
     virtual_stages: int = 1,
     stage_layers: list[list[str]] | None = None,
     schedule: str = "1f1b",
-    microbatches: int = 1,
+    microbatches: int | None = None,
     zero_stage: int = 0,
     recompute: str = "none",
     tp_placements: dict[str, str] | None = None,
@@ -90,6 +91,7 @@ def make_plan(
             tp_text if a == "tp" else ("S(0)" if zero_stage == 3 else "R") for a in axes
         )
     local_batch = GLOBAL_BATCH // dp
+    microbatches = microbatches if microbatches is not None else max(1, pp)
     specs = tuple(
         LayerSpec(name=n, kind=n if n in ("embed", "head") else "block", signature=n[:6])
         for n in all_layers

@@ -129,7 +129,7 @@ def test_depth_folding_matches_a_full_trace() -> None:
     cfg = TrainingConfig(global_batch=16, seq_len=256)
     fixed = {"tp": 2, "pp": 2, "recompute": "none", "zero": 0}
     folded = search(model, cluster, cfg, fixed=fixed, progress=False)
-    full = search(trace(model), cluster, cfg, fixed=fixed, progress=False)
+    full = search(trace(model, with_loss=True), cluster, cfg, fixed=fixed, progress=False)
     assert folded.predicted.step_time_s == pytest.approx(full.predicted.step_time_s, rel=1e-9)
     assert folded.predicted.memory_gib_per_device == pytest.approx(
         full.predicted.memory_gib_per_device, rel=1e-9
