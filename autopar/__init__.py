@@ -19,7 +19,6 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "trace": "autopar.graph.trace",
     "OpGraph": "autopar.graph.opgraph",
-    "load_cluster": "autopar.topology.load",
     "Cluster": "autopar.topology.cluster",
     "TrainingConfig": "autopar.config",
     "search": "autopar.solver.search",
@@ -53,7 +52,34 @@ if TYPE_CHECKING:  # pragma: no cover
     from autopar.plan import Plan
     from autopar.solver.search import search
     from autopar.topology.cluster import Cluster
-    from autopar.topology.load import load_cluster
+
+
+def load_cluster(
+    name_or_path: Any,
+    *,
+    nodes: int | None = None,
+    calibration: Any = None,
+    compute_calibration: Any = None,
+) -> Cluster:
+    """``autopar.topology.load.load_cluster`` with its arguments' types checked: a shipped
+    topology name (``"dgx-a100"``) or a topology file path, ``nodes`` hosts (default: the
+    file's). Raises ``ConfigError`` naming the argument for anything else."""
+    import os
+
+    from autopar.errors import ConfigError
+    from autopar.topology.load import load_cluster as _load
+
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise ConfigError(
+            f"a topology name or file path, got {type(name_or_path).__name__}",
+            field="name_or_path",
+        )
+    for arg, value in (("calibration", calibration), ("compute_calibration", compute_calibration)):
+        if value is not None and not isinstance(value, str | os.PathLike):
+            raise ConfigError(f"a profile name or file path, got {type(value).__name__}", field=arg)
+    return _load(
+        name_or_path, nodes=nodes, calibration=calibration, compute_calibration=compute_calibration
+    )
 
 
 _SUBMODULES = ("models", "explain", "graph", "topology", "cost", "sharding", "solver", "emit")

@@ -1,18 +1,23 @@
 """The ``autopar`` console script: a thin shell over the Python API.
 
 One flag per config field; every command maps errors to exit codes a script can test:
-0 ok, 2 bad input (unknown model, topology, malformed file), 3 infeasible (does not fit).
+0 ok, 2 bad input (unknown model, topology, malformed or inconsistent plan file, an exception in
+the user's own model code), 3 infeasible (does not fit).
+Every plan is validated (``Plan.validate``) before it is rendered, exported or launched.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, get_args
 
-from autopar.config import STACKS
-from autopar.errors import AutoparError, ConfigError, InfeasibleError
+from autopar.config import STACKS, Offload, Optimizer
+from autopar.errors import AutoparError, ConfigError, InfeasibleError, TraceError, UserCodeError
 from autopar.export import EXPORT_FORMATS
 
 __all__ = ["main", "build_parser"]
@@ -46,8 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=None,
                    help="sequences per optimizer step (default 512)")  # fmt: skip
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
+    p.add_argument("--example-inputs", default=None, metavar="PKG.MOD:FN",
+                   help="for a model without an example_inputs() method: a function of no "
+                   "arguments returning one batch of what its forward takes (a tensor, tuple or "
+                   "dict; batch on dim 0). Token models without it get token ids from their "
+                   "first nn.Embedding and --seq")  # fmt: skip
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd", "sgd_momentum"), default="adam")
+    p.add_argument(
+        "--optimizer",
+        choices=get_args(Optimizer),
+        default="adam",
+        help="sets optimizer state bytes per parameter and step cost (default adam)",
+    )
+    p.add_argument("--offload", choices=get_args(Offload), default="auto",
+                   help="model state in host memory: auto (searched where the model does not "
+                   "fit, needs the topology's host profile), none, optimizer (ZeRO-Offload), "
+                   "full (FSDP2 CPU offload); auto and optimizer/full also search per-block "
+                   "activation offload")  # fmt: skip
     stack = p.add_argument_group("software stack the plan is priced for")
     stack.add_argument("--stack", choices=tuple(STACKS), default=None,
                        help="preset setting the three flags below (each has a source)")  # fmt: skip
@@ -60,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default on)")  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+    p.add_argument("--report", type=Path, default=None,
+                   help="also write a self-contained HTML report here")  # fmt: skip
     p.add_argument("--time-limit", type=float, default=None, help="search time budget, seconds")
     p.add_argument("--emit", choices=EXPORT_FORMATS, default=None,
                    help="print the plan as that framework's launch command and config")  # fmt: skip
@@ -79,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="re-render a saved plan")
     e.add_argument("plan", type=Path, help="plan JSON written by `autopar plan --json`")
     e.add_argument("--emit", choices=EXPORT_FORMATS, default=None)
+    e.add_argument("--report", type=Path, default=None,
+                   help="also write a self-contained HTML report here")  # fmt: skip
 
     sub.add_parser("models", help="list the built-in models with parameter counts")
 
@@ -103,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser("launch", help="run a training script with torchrun sized from a plan")
     la.add_argument("plan", type=Path)
-    la.add_argument("--dry-run", action="store_true", help="print the torchrun line only")
+    la.add_argument("--dry-run", action="store_true",
+                    help="print the torchrun line (one per node) only")  # fmt: skip
+    la.add_argument("--nnodes", type=int, default=None,
+                    help="nodes (default: the hosts of the cluster the plan was made for)")  # fmt: skip
+    la.add_argument("--nproc-per-node", type=int, default=None,
+                    help="processes per node (default: the plan's devices per host)")  # fmt: skip
+    la.add_argument("--node-rank", type=int, default=None,
+                    help="this node's rank in a multi-node launch (default: c10d rendezvous "
+                    "assigns it)")  # fmt: skip
     la.add_argument("script", nargs="*", help="-- train_script.py [args] (after a literal --)")
     return parser
 
@@ -144,8 +176,24 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from autopar.solver.search import search
     from autopar.topology.load import load_cluster
 
+    if args.json is not None:
+        _check_writable(args.json, flag="--json")  # before any tracing: never lose a plan
+    if args.report is not None:
+        _check_writable(args.report, flag="--report")
     cluster = load_cluster(args.cluster, nodes=args.nodes)
-    model = parse_model_spec(_with_seq_len(args.model, args.seq))
+    spec = _with_seq_len(args.model, args.seq)
+    model = parse_model_spec(spec, example_inputs=args.example_inputs, seq_len=args.seq)
+    if not callable(getattr(model, "example_inputs", None)):
+        from torch import nn
+
+        tokens = any(isinstance(m, nn.Embedding) for m in model.modules())
+        raise ConfigError(
+            f"{type(model).__name__} has no example_inputs() method: pass --example-inputs "
+            "package.module:function (a function returning one batch of what its forward takes, "
+            "batch on dim 0)"
+            + (", or --seq to feed its nn.Embedding token ids of that length" if tokens else ""),
+            field="--example-inputs",
+        )
     batch = {} if args.global_batch is None else {"global_batch": args.global_batch}
     overlap = None if args.overlap_grad_reduce is None else args.overlap_grad_reduce == "on"
     config = TrainingConfig(
@@ -153,27 +201,109 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         seq_len=args.seq,
         dtype=args.dtype,
         optimizer=args.optimizer,
+        offload=args.offload,
         stack=args.stack,
         attention=args.attention,
         sequence_parallel=args.sequence_parallel,
         overlap_grad_reduce=overlap,
     )
     fixed = {k: getattr(args, k) for k in FIXED_FLAGS if getattr(args, k) is not None}
-    plan = search(
-        model,
-        cluster,
-        config,
-        fixed=fixed or None,
-        top_k=args.top,
-        time_limit_s=args.time_limit,
-        progress=not args.quiet,
-        model_spec=_with_seq_len(args.model, args.seq),
-    )
+    user_files = _user_files(model, args.model, args.example_inputs)
+    try:
+        plan = search(
+            model,
+            cluster,
+            config,
+            fixed=fixed or None,
+            top_k=args.top,
+            time_limit_s=args.time_limit,
+            progress=not args.quiet,
+            model_spec=spec,
+        )
+    except TraceError as e:
+        raise UserCodeError(str(e), spec=args.model, location=_user_location(e, user_files)) from e
+    except AutoparError:
+        raise
+    except Exception as e:  # the user's model code raised (its example_inputs, its forward)
+        where = _user_location(e, user_files) if user_files else None
+        if where is None:
+            raise  # autopar's own bug: keep the traceback
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserCodeError(
+            f"{type(e).__name__}: {line}" if line else type(e).__name__,
+            spec=args.model,
+            location=where,
+        ) from e
+    plan.validate()
     print(export_plan(plan, args.emit) if args.emit else render(plan))
     if args.json is not None:
-        plan.to_json(args.json)
+        try:
+            plan.to_json(args.json)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write the plan ({e.strerror}); it is printed above", file=str(args.json),
+                field="--json",
+            ) from e  # fmt: skip
         print(f"\nplan written to {args.json}", file=sys.stderr)
+    if args.report is not None:
+        _write_report(plan, args.report, cluster=cluster)
     return EXIT_OK
+
+
+def _write_report(plan: Any, path: Path, *, cluster: Any = None) -> None:
+    from autopar.report import write_report
+
+    try:
+        out = write_report(plan, path, cluster=cluster)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the report ({e.strerror})", file=str(path), field="--report"
+        ) from e
+    print(f"report written to {out}", file=sys.stderr)
+
+
+def _check_writable(path: Path, *, flag: str) -> None:
+    """Refuse a path the plan could not be written to, before the search runs."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        if path.exists():
+            with path.open("a"):
+                pass
+        else:
+            with path.open("x"):
+                pass
+            path.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the plan here ({e.strerror or e})", file=str(path), field=flag
+        ) from e
+
+
+def _user_files(model: Any, spec: str, example_inputs: str | None) -> list[str]:
+    """Source files of the user's own code behind the model: the factory's module, the model's
+    class and the example-inputs function (none for the zoo and Hugging Face models)."""
+    files = []
+    for candidate in (spec, example_inputs):
+        module = candidate.partition(":")[0] if candidate and ":" in candidate else None
+        mod = sys.modules.get(module) if module else None
+        path = getattr(mod, "__file__", None)
+        if path:
+            files.append(path)
+    try:
+        path = inspect.getsourcefile(type(model))
+    except TypeError:
+        path = None
+    if path:
+        files.append(path)
+    root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    return [f for f in files if not os.path.abspath(f).startswith(root)]
+
+
+def _user_location(error: BaseException, files: list[str]) -> str | None:
+    from autopar.errors import user_code_location
+
+    return user_code_location(error, files=files) if files else None
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -181,8 +311,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from autopar.export import export_plan
     from autopar.plan import Plan
 
-    plan = Plan.from_json(args.plan)
+    plan = Plan.from_json(args.plan)  # validated: an inconsistent plan is exit 2
     print(export_plan(plan, args.emit) if args.emit else render(plan))
+    if args.report is not None:
+        _write_report(plan, args.report)
     return EXIT_OK
 
 
@@ -227,7 +359,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     if not script:
         raise ConfigError("missing the training script: autopar launch PLAN.json -- train.py [args]",
                           field="script")  # fmt: skip
-    return launch(args.plan, script, dry_run=args.dry_run)
+    return launch(
+        args.plan,
+        script,
+        nnodes=args.nnodes,
+        nproc_per_node=args.nproc_per_node,
+        node_rank=args.node_rank,
+        dry_run=args.dry_run,
+    )
 
 
 def _with_seq_len(spec: str, seq: int | None) -> str:

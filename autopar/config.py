@@ -13,13 +13,18 @@ __all__ = [
     "Optimizer",
     "Attention",
     "SequenceParallel",
+    "Offload",
     "STACKS",
     "DTYPE_BYTES",
     "OPTIMIZER_STATE_BYTES",
+    "OPTIMIZER_STEP_PASSES",
 ]
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-Optimizer = Literal["adam", "adamw", "sgd", "sgd_momentum"]
+Optimizer = Literal[
+    "adam", "adamw", "sgd", "sgd_momentum", "adafactor", "lion", "adam8bit", "stateless"
+]
+Offload = Literal["auto", "none", "optimizer", "full"]
 Attention = Literal["flash", "unfused"]
 SequenceParallel = Literal["auto", "on", "off"]
 
@@ -57,16 +62,36 @@ DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 #: optimizer state bytes per parameter, including the fp32 master copy under mixed precision
 #: (ZeRO paper, arXiv 1910.02054: Adam keeps fp32 weight + momentum + variance = 12 bytes).
+#: Adafactor (arXiv 1804.04235) keeps factored second moments (a row and a column vector per
+#: matrix: negligible per parameter) and no first moment by default: the master copy only.
+#: Lion (arXiv 2302.06675) keeps one fp32 momentum. 8-bit Adam (bitsandbytes, arXiv 2110.02861)
+#: keeps both moments in 8 bits. "stateless" is the limit case of SWAN-style optimizers
+#: (arXiv 2412.13148): no state beyond the master copy.
 OPTIMIZER_STATE_BYTES: dict[tuple[str, bool], int] = {
     ("adam", True): 12,
     ("adamw", True): 12,
     ("sgd", True): 4,
     ("sgd_momentum", True): 8,
+    ("adafactor", True): 4,
+    ("lion", True): 8,
+    ("adam8bit", True): 6,
+    ("stateless", True): 4,
     ("adam", False): 8,
     ("adamw", False): 8,
     ("sgd", False): 0,
     ("sgd_momentum", False): 4,
+    ("adafactor", False): 0,
+    ("lion", False): 4,
+    ("adam8bit", False): 2,
+    ("stateless", False): 0,
 }
+
+#: Optimizer-step passes over the state per parameter, relative to reading and writing it once
+#: (an update reads and writes every state tensor; Adafactor also reduces rows and columns).
+OPTIMIZER_STEP_PASSES: dict[str, float] = {
+    "adam": 1.0, "adamw": 1.0, "sgd": 1.0, "sgd_momentum": 1.0, "adafactor": 1.5,
+    "lion": 1.0, "adam8bit": 1.2, "stateless": 1.0,
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +108,11 @@ class TrainingConfig:
     """Optimizer whose state is kept per parameter (adam: 12 bytes/param under mixed precision)."""
     memory_headroom: float = 0.1
     """Fraction of device memory kept free for the allocator, workspaces and fragmentation."""
+    offload: Offload = "auto"
+    """Where model state may live off the device: ``auto`` (searched: only where it helps),
+    ``none``, ``optimizer`` (optimizer state and fp32 master weights in host memory, updated
+    by the CPU: ZeRO-Offload) or ``full`` (also the weights and gradients: FSDP2's CPU offload).
+    Activation offload per pipeline stage is searched unless ``none``."""
     grad_clip: float | None = 1.0
     """Global gradient-norm clipping threshold (Megatron-LM's ``--clip-grad`` default 1.0);
     None turns it off. Priced: one pass over the gradients for their norm, a scalar
@@ -126,6 +156,10 @@ class TrainingConfig:
         ):
             raise ConfigError(
                 f"must be a positive number or None, got {self.grad_clip!r}", field="grad_clip"
+            )
+        if self.offload not in get_args(Offload):
+            raise ConfigError(
+                f"unknown offload {self.offload!r}", field="offload", allowed=get_args(Offload)
             )
         if self.stack is not None and self.stack not in STACKS:
             raise ConfigError(f"unknown stack {self.stack!r}", field="stack", allowed=tuple(STACKS))

@@ -32,6 +32,7 @@ TERM_WORDS = {
     "pp_bubble": "pipeline bubble",
     "pp_comm": "pipeline p2p",
     "dp_comm": "data-parallel comm",
+    "offload": "host offload",
 }
 
 
@@ -133,21 +134,85 @@ def _device_span(devices: tuple[int, ...]) -> str:
     return f"ranks {shown}{',...' if len(devices) > 8 else ''} ({len(devices)})"
 
 
+def _relief_text(
+    recompute: str, recompute_blocks: int, offload: str, offload_blocks: int
+) -> tuple[str, str]:
+    """Short recompute and offload columns: ``none+3`` (3 blocks fully recomputed), ``opt+act2``."""
+    rec = recompute + (f"+{recompute_blocks}" if recompute_blocks else "")
+    off = {"none": "-", "optimizer": "opt", "full": "full"}.get(offload, offload)
+    if offload_blocks:
+        off = ("" if off == "-" else off + "+") + f"act{offload_blocks}"
+    return rec, off
+
+
 def _alt_row(a: Alternative, plan: Plan) -> str:
     p = a.parallel
     pred = plan.predicted
     reason = why(a, pred.step_time_s, pred.breakdown) if pred is not None else ""
+    rec, off = _relief_text(a.recompute, a.recompute_blocks, a.offload, a.offload_blocks)
     return (
         f"  {p.dp:>4} {p.tp:>3} {p.pp:>3}  {a.micro_batch_size:>3} {a.microbatches:>5}  "
-        f"{a.schedule:<16} {a.zero_stage:>4}  {a.recompute:<9} {'on ' if a.sequence_parallel else 'off'}"
+        f"{a.schedule:<16} {a.zero_stage:>4}  {rec:<12} {off:<9} "
+        f"{'on ' if a.sequence_parallel else 'off'}"
         f" {_fmt_s(a.step_time_s):>10}  {a.memory_gib_per_device:>6.1f}  {reason}"
     )
+
+
+def _blocks_by_rank(plan: Plan, names: tuple[str, ...]) -> str:
+    """``layers.0-3 (pp rank 0), layers.40 (pp rank 1)``: relieved blocks and where they run."""
+    kinds = plan.layer_kinds
+    wanted = set(names)
+    parts = []
+    pp = max(1, plan.parallel.pp)
+    for r in range(pp):
+        mine = tuple(n for i, st in enumerate(plan.stages) if i % pp == r for n in st.layers
+                     if n in wanted)  # fmt: skip
+        if mine:
+            parts.append(f"{_layer_span(mine, kinds)}" + (f" (pp rank {r})" if pp > 1 else ""))
+    return "; ".join(parts)
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    """The recompute and offload lines under the plan's settings."""
+    rec = plan.recompute
+    if plan.recompute_layers:
+        rec += (
+            f" + full recompute of {len(plan.recompute_layers)} blocks where memory is short: "
+            + _blocks_by_rank(plan, plan.recompute_layers)
+        )
+    lines = [f"recompute    {rec}" + ("   sequence parallel: on" if plan.sequence_parallel else "")]
+    where = "NVMe" if plan.offload_device == "nvme" else "host memory"
+    if plan.offload == "optimizer":
+        lines.append(
+            f"offload      optimizer state and fp32 master weights in {where}; the optimizer "
+            "steps on the CPU (ZeRO-Offload)"
+        )
+    elif plan.offload == "full":
+        lines.append(
+            "offload      weights, gradients and optimizer state in host memory, copied to the "
+            "device per block (FSDP2 CPUOffloadPolicy)"
+            + ("; optimizer state on NVMe" if plan.offload_device == "nvme" else "")
+        )
+    if plan.offload != "none" and plan.offload_device == "nvme":
+        lines.append(
+            "             (NVMe offload is ZeRO-Infinity's: apply_plan refuses it, PyTorch has "
+            "no NVMe optimizer offload; run this layout with DeepSpeed)"
+        )
+    if plan.activation_offload_layers:
+        lines.append(
+            f"act offload  saved activations of {len(plan.activation_offload_layers)} blocks in "
+            "host memory (save_on_cpu): " + _blocks_by_rank(plan, plan.activation_offload_layers)
+        )
+    return lines
 
 
 def _gap_note(plan: Plan) -> str:
     gap = plan.solver.get("gap") if plan.solver else None
     if plan.solver.get("stopped_early") and isinstance(gap, int | float):
-        return f"   (search stopped at its time limit: within {gap:.0%} of the best possible)"
+        factor = 1.0 / max(1e-9, 1.0 - gap)
+        return (
+            f"   (search stopped at its time limit: a better plan is at most {factor:.2f}x faster)"
+        )
     return ""
 
 
@@ -188,8 +253,7 @@ def render(plan: Plan) -> str:
     lines += [
         f"schedule     {sched}",
         f"ZeRO         stage {plan.zero_stage}",
-        f"recompute    {plan.recompute}"
-        + ("   sequence parallel: on" if plan.sequence_parallel else ""),
+        *_memory_lines(plan),
         "",
         f"stages ({plan.parallel.pp}"
         + (f" x {plan.virtual_stages} chunks" if len(plan.stages) > plan.parallel.pp else "")
@@ -225,6 +289,7 @@ def render(plan: Plan) -> str:
             ("pipeline bubble", b.pp_bubble),
             ("pipeline p2p", b.pp_comm),
             ("data-parallel comm", b.dp_comm),
+            *([("host offload", b.offload)] if b.offload > 0 else []),
         ):
             lines.append(f"  {name:<22} {_fmt_s(val):>10}  {100 * val / total:5.1f}%")
         lines.append(f"  {'overlapped comm':<22} {_fmt_s(b.overlapped_comm):>10}  (hidden)")
@@ -237,11 +302,17 @@ def render(plan: Plan) -> str:
             ("other", mem.other),
         ):
             lines.append(f"  {name:<22} {val / GiB:>8.2f} GiB")
+        if mem.host > 0:
+            lines.append(
+                f"  {'in host memory':<22} {mem.host / GiB:>8.2f} GiB of "
+                f"{mem.host_capacity / GiB:.1f} GiB (this device's share of its host)"
+            )
     if plan.alternatives:
         lines += [
             "",
             "runners-up (why they lost):",
-            "    dp  tp  pp  mbs   #mb  schedule         ZeRO  recompute  sp        step  GiB/dev",
+            "    dp  tp  pp  mbs   #mb  schedule         ZeRO  recompute    offload   sp "
+            "       step  GiB/dev",
         ]
         lines += [_alt_row(a, plan) for a in plan.alternatives]
     if plan.landscape:

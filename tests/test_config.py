@@ -24,7 +24,7 @@ def test_fp32_sgd_keeps_no_extra_state():
         ({"global_batch": 0}, "global_batch"),
         ({"seq_len": -4}, "seq_len"),
         ({"dtype": "int8"}, "dtype"),
-        ({"optimizer": "lion"}, "optimizer"),
+        ({"optimizer": "lamb"}, "optimizer"),
         ({"memory_headroom": 1.5}, "memory_headroom"),
     ],
 )

@@ -55,12 +55,17 @@ Fused attention (FlashAttention, :func:`attention_time_s` with ``kernel="flash"`
     ``f_attn`` is the achieved fraction of peak (``flash_fwd/bwd_peak_fraction``: ~73 % forward
     and ~63 % backward for FlashAttention-2 on A100, arXiv 2307.08691).
 
-Unfused attention (``kernel="unfused"``)
+Unfused attention (``kernel="unfused"``: the score tensor materialised)
     The two batched GEMMs ``S = Q K^T`` (m=q, n=kv, k=d) and ``O = P V`` (m=q, n=d, k=kv) priced
-    by :func:`gemm_time_s`, plus one memory-bound kernel per pass over the ``[bh, q, kv]`` score
-    tensor: scale, causal mask, softmax, dropout (each reads and writes it; dropout also writes a
-    1-byte mask). The backward prices four GEMMs (dV, dP, dQ, dK) and the passes' gradients
-    (dropout, softmax backward reading P and dP, mask, scale).
+    by :func:`gemm_time_s`, plus the memory-bound passes over the ``[bh, q, kv]`` score tensor
+    as Megatron-LM runs them (``FusedScaleMaskSoftmax``, megatron/model/fused_softmax.py, the
+    ``scaled_upper_triang_masked_softmax`` / ``scaled_masked_softmax`` CUDA kernels used by
+    every stack whose attention is ``unfused``): scale, causal mask and softmax are **one**
+    kernel reading the scores and writing the probabilities (``softmax`` kind), then dropout
+    (reads and writes them and a 1-byte mask). The backward prices four GEMMs (dV, dP, dQ, dK),
+    the dropout gradient and one fused softmax backward that reads P and dP and writes dS with
+    the scale applied. (Eager PyTorch without the fused kernel runs scale and mask as passes of
+    their own; the stack presets that say ``unfused`` are Megatron's.)
 
 Memory-bound kernels (:func:`memory_bound_time_s`)
     Elementwise, norm, softmax, reduction, cross-entropy kernels::
@@ -246,22 +251,17 @@ def _unfused_time_s(
     def gemm(mm: int, nn: int, kk: int) -> float:
         return gemm_time_s(m=mm, n=nn, k=kk, batch=bh, device=device, dtype=key)
 
+    del causal  # the mask is applied inside the fused softmax kernel: no pass of its own
     if phase == "fwd":
         t = gemm(q, kv, d) + gemm(q, d, kv)  # S = Q K^T, O = P V
-        t += mem(rw)  # scale
-        if causal:
-            t += mem(rw)  # masked_fill
-        t += mem(rw, "softmax")
+        t += mem(rw, "softmax")  # fused scale + mask + softmax: read S, write P
         if dropout:
             t += mem(rw + scores)  # read, write, 1-byte keep mask
         return t
     t = gemm(kv, d, q) + gemm(q, kv, d) + gemm(q, d, kv) + gemm(kv, d, q)  # dV, dP, dQ, dK
     if dropout:
         t += mem(rw + scores)  # read dP', the mask; write
-    t += mem(1.5 * rw, "softmax")  # read P and dP, write dS
-    if causal:
-        t += mem(rw)
-    t += mem(rw)  # scale
+    t += mem(1.5 * rw, "softmax")  # fused softmax backward with the scale: read P, dP; write dS
     return t
 
 

@@ -9,6 +9,20 @@ each kernel. Forward and backward are priced separately:
   ``dB = A^T dC`` (``k x n``, summing over ``m``), each only if that operand needs a gradient
   (the tracer's backward FLOPs say how many). A tensor-parallel split that shrinks ``n`` or ``k``
   costs what the smaller GEMMs achieve, not a share of the big one's rate.
+* **Gradient accumulation**: when ``B`` is a parameter (the op reads one), every microbatch's
+  weight gradient is accumulated into the step's fp32 gradient: the weight-gradient GEMM writes
+  its output with ``beta = 1`` into the fp32 accumulator (Megatron-LM's
+  ``--gradient-accumulation-fusion``, on by default since 2022 and in Megatron-Core: the
+  ``fused_weight_gradient_mlp_cuda`` wgrad kernels; Megatron-LM casts gradients to fp32 for bf16,
+  ``arguments.py``: "bfloat16 requires gradient accumulation and all-reduce to be done in
+  fp32"). Its epilogue then reads and writes 4 + 4 bytes per output element instead of writing
+  ``item`` bytes: :data:`GRAD_ACCUM_BYTES` - ``item`` more, priced as memory traffic after the
+  GEMM's main loop (the epilogue of a tile follows its k loop). Per element of ``dB`` the GEMM
+  does ``2m`` FLOPs, so with 2048 tokens per microbatch the epilogue adds about a fifth to the
+  weight-gradient GEMM on an A100: small microbatches cost more than their FLOPs. (Megatron-LM
+  2021 and PyTorch's ``AccumulateGrad`` run it as a separate kernel that also re-reads the 16-bit
+  gradient: ``item`` bytes more than priced here.) An embedding table's gradient is accumulated
+  the same way.
 * ``attention``: FlashAttention forward / backward, or the unfused kernels when the stack says
   ``unfused`` (``TrainingConfig.attention``).
 * ``conv``: the implicit GEMM (``N·H_out·W_out x C_out x C_in·k_h·k_w``), three of them backward.
@@ -22,12 +36,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from autopar.cost.compute import attention_time_s, gemm_time_s, memory_bound_time_s
+from autopar.cost.compute import ITEM_BYTES, attention_time_s, gemm_time_s, memory_bound_time_s
+from autopar.cost.profiles import DTYPE_ALIASES
 from autopar.graph.ops import base_name, family
 
-__all__ = ["op_time_s", "ATTENTION_KERNELS"]
+__all__ = ["op_time_s", "ATTENTION_KERNELS", "GRAD_ACCUM_BYTES", "grad_accumulation_time_s"]
 
 ATTENTION_KERNELS = ("flash", "unfused")
+#: bytes per weight-gradient element the fused fp32 accumulation moves (read and write of the
+#: fp32 accumulator), instead of writing the gradient in the training dtype (module docstring)
+GRAD_ACCUM_BYTES = 8
 _ITEM = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 _KIND = {"norm": "norm", "softmax": "softmax", "reduction": "norm"}
 
@@ -84,6 +102,8 @@ def op_time_s(
         t = gemm_time_s(m=k, n=n, k=m, batch=batch, device=device, dtype=dtype)  # dB
         if grads >= 2:
             t += gemm_time_s(m=m, n=k, k=n, batch=batch, device=device, dtype=dtype)  # dA
+        if node.params:  # dB is a weight gradient: accumulated into the fp32 gradient
+            t += grad_accumulation_time_s(batch * k * n, device=device, dtype=dtype)
         return t
     if fam == "attention" and len(input_shapes) >= 3 and len(input_shapes[0]) >= 3:
         q, kk = input_shapes[0], input_shapes[1]
@@ -111,8 +131,13 @@ def op_time_s(
         # a lookup reads only the rows it returns (and the indices), writes its output
         idx = sum(_numel(s) * i for s, i in zip(input_shapes[1:], item_in[1:]))
         nbytes = 2.0 * out_bytes + idx
-        if phase == "bwd":  # scatter-add into a zeroed table shard
-            nbytes = 2.0 * out_bytes + (_numel(input_shapes[0]) * item_in[0] if input_shapes else 0)
+        if phase == "bwd":  # scatter-add into a zeroed table shard, then accumulated
+            table = _numel(input_shapes[0]) if input_shapes else 0
+            nbytes = 2.0 * out_bytes + table * item_in[0]
+            accum = grad_accumulation_time_s(table, device=device, dtype=dtype)
+            return accum + memory_bound_time_s(
+                bytes_moved=nbytes, device=device, dtype=dtype, kind="elementwise"
+            )
     else:
         in_bytes = sum(_numel(s) * i for s, i in zip(input_shapes, item_in))
         nbytes = float(in_bytes + out_bytes)
@@ -127,6 +152,18 @@ def op_time_s(
         device=device,
         dtype=dtype,
         kind=_KIND.get(fam, "elementwise"),
+    )
+
+
+def grad_accumulation_time_s(numel: float, *, device: Any, dtype: str) -> float:
+    """Extra time of accumulating a weight gradient of ``numel`` elements into the fp32
+    gradient inside the weight-gradient GEMM's epilogue: ``GRAD_ACCUM_BYTES - item`` bytes per
+    element more than writing it in ``dtype``, at streaming bandwidth, no kernel of its own."""
+    extra = GRAD_ACCUM_BYTES - ITEM_BYTES.get(DTYPE_ALIASES.get(dtype, dtype), 4)
+    if numel <= 0 or extra <= 0:
+        return 0.0
+    return memory_bound_time_s(
+        bytes_moved=float(numel) * extra, device=device, dtype=dtype, kernels=0
     )
 
 

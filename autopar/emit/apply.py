@@ -19,9 +19,10 @@ and the graph, never from module names. Order of application, and why:
 The result, :class:`ParallelModel`, hides the schedule: ``step(inputs, targets)`` runs forward
 and backward for this rank's data-parallel share of the batch, reduces what the plan reduces
 once per step (gradients partial over tp, tied weights' copies across stages) and returns the
-batch's mean loss on every rank; the user owns the optimizer
-(``torch.optim.AdamW(pm.parameters())``). Every rank must start from the same weights (build
-the model under the same seed).
+batch's mean loss on every rank. ``pm.make_optimizer(torch.optim.AdamW, lr=...)`` builds the
+optimizer where the plan puts it (on the device, or on the host for an ``optimizer`` offload
+plan: ``emit.offload``). Every rank must start from the same weights (build the model under
+the same seed).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autopar.emit.mesh import RankLayout, build_device_mesh, rank_layout, validate_plan
+from autopar.emit.mesh import (
+    RankLayout,
+    build_device_mesh,
+    default_device_type,
+    rank_layout,
+    validate_plan,
+)
 from autopar.emit.program import Program, build_program, example_inputs_for
 from autopar.errors import AutoparError, ConfigError
 from autopar.plan import Plan, parse_placement
@@ -105,6 +112,20 @@ class ParallelModel:
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Unsharded gradients of this rank's parameters (collective; None grads skipped)."""
         return {n: _full(p.grad) for n, p in self.named_parameters() if p.grad is not None}
+
+    def make_optimizer(self, optimizer_cls: type = torch.optim.AdamW, **kwargs: Any) -> Any:
+        """``optimizer_cls(self.parameters(), **kwargs)`` where the plan keeps the optimizer:
+        on the device, or stepping fp32 host copies for ``offload == "optimizer"``. With
+        offload, Adam and AdamW use their fused CPU kernel (the rate the search priced)."""
+        if self.plan.offload != "none" and issubclass(
+            optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)
+        ):
+            kwargs.setdefault("fused", True)
+        if self.plan.offload == "optimizer":
+            from autopar.emit.offload import HostOptimizer
+
+            return HostOptimizer(self.parameters(), optimizer_cls, **kwargs)
+        return optimizer_cls(self.parameters(), **kwargs)
 
     # -- data --------------------------------------------------------------------------------
     def local_batch(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -221,6 +242,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _one_rank_mesh(device_type: str) -> Any:
+    """A one-rank ``dp`` mesh: FSDP2 (its CPU offload) needs one even on a single device."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (1,), mesh_dim_names=("dp",))
+
+
 def _check_args(model: Any, plan: Any, loss_fn: Any) -> None:
     if not isinstance(model, nn.Module):
         raise ConfigError(
@@ -322,6 +350,7 @@ def apply_plan(
 
     from autopar.emit.checkpointing import core_regions
     from autopar.emit.fsdp import apply_data_parallel
+    from autopar.emit.offload import check_offload
     from autopar.emit.pipeline import Executor, build_schedule, build_stage_module
     from autopar.emit.tensor_parallel import check_ops_supported, distribute_parameter
 
@@ -331,6 +360,7 @@ def apply_plan(
     else:
         world, rank = 1, 0
     validate_plan(plan, world_size=world, model=model)
+    check_offload(plan, has_process_group=dist.is_initialized())
     inputs = example_inputs_for(model, plan, plan.micro_batch_size, example_inputs)
     try:
         program = build_program(model, plan, inputs)
@@ -348,7 +378,12 @@ def apply_plan(
     user_loss = loss_fn or cross_entropy_loss
 
     mesh = build_device_mesh(plan)  # the first collective
-    device_type = mesh.device_type if mesh is not None else "cpu"
+    if mesh is not None:
+        device_type = mesh.device_type
+    elif dist.is_initialized():
+        device_type = default_device_type()
+    else:  # one device, no process group: the GPU when there is one
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if device_type == "cuda"
@@ -357,7 +392,8 @@ def apply_plan(
     tp_mesh = mesh["tp"] if plan.parallel.tp > 1 else None
     executor = Executor(
         program, tp_mesh=tp_mesh, sequence_parallel=plan.sequence_parallel,
-        recompute=plan.recompute, device=device,
+        recompute=plan.recompute, device=device, recompute_layers=plan.recompute_layers,
+        offload_layers=plan.activation_offload_layers,
     )  # fmt: skip
     tp_of = {fqn: spec[plan.stage_dim_names.index("tp")] for fqn, spec in plan.placements.items()
              if "tp" in plan.stage_dim_names}  # fmt: skip
@@ -377,7 +413,8 @@ def apply_plan(
         ).to(device)  # fmt: skip
     tied = _tied_groups(program, plan, stage_parts, modules)
     dp_api = ""
-    if plan.parallel.dp > 1:
+    if plan.parallel.dp > 1 or plan.offload == "full":
+        dp_mesh = mesh["dp"] if mesh is not None else _one_rank_mesh(device_type)
         dp_dims = {
             fqn: dim
             for fqn, spec in plan.placements.items()
@@ -387,8 +424,8 @@ def apply_plan(
         for module in modules.values():
             runners = list(module._runner_of.values())
             dp_api = apply_data_parallel(
-                module, dp_mesh=mesh["dp"], zero_stage=plan.zero_stage, blocks=runners,
-                shard_dims=dp_dims,
+                module, dp_mesh=dp_mesh, zero_stage=plan.zero_stage, blocks=runners,
+                shard_dims=dp_dims, cpu_offload=plan.offload == "full",
             )  # fmt: skip
     last = modules.get(num - 1)
     wrapped = _loss_wrapper(user_loss, loss_fn is None, last, tp_mesh)

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from autopar.errors import ConfigError
-from autopar.plan import MESH_AXES, Plan, parse_placement
+from autopar.plan import (
+    RECOMPUTE_MODES,
+    SCHEDULES,
+    Plan,
+    check_stage_layers,
+    parse_placement,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -33,10 +39,6 @@ __all__ = [
     "build_device_mesh",
     "default_device_type",
 ]
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-RECOMPUTE_MODES = ("none", "selective", "full")
-ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,138 +90,37 @@ def validate_plan(
     """Raise ``ConfigError`` naming the first mismatch between the plan, the world and the model.
 
     Pure: no collectives, no device work, so it runs identically (and fails identically) on
-    every rank before ``init_device_mesh``. ``model_layer_names`` are the names stage layers may
-    use (default: the plan's own ``layers``); the emitter then checks them against the model's
-    trace.
+    every rank before ``init_device_mesh``. First ``plan.validate()`` (the plan on its own:
+    types, ranges, degrees, mesh, stages, microbatches, placements), then the world size, then
+    the stages against ``model_layer_names`` (the names stage layers may use, when given; the
+    emitter checks the plan's own ``layers`` against the model's trace) and the placements
+    against the model's parameters.
     """
-    _check_mesh(plan, world_size=world_size)
-    _check_knobs(plan)
-    if model_layer_names is None and plan.layers:
-        model_layer_names = [layer.name for layer in plan.layers]
-    _check_stages(plan, model_layer_names=model_layer_names)
+    if not isinstance(plan, Plan):
+        raise ConfigError(
+            f"plan must be an autopar.Plan (Plan.from_json(path)), got {type(plan).__name__}",
+            field="plan",
+        )
+    plan.validate()
+    _check_world(plan, world_size=world_size)
+    if model_layer_names is not None:
+        check_stage_layers(plan, list(model_layer_names))
     if model is not None:
         _check_placements(plan, dict(model.named_parameters(remove_duplicate=False)))
 
 
-def _check_mesh(plan: Plan, *, world_size: int) -> None:
-    mesh_size = 1
-    for n in plan.mesh.shape:
-        mesh_size *= int(n)
-    if mesh_size != world_size:
+def _check_world(plan: Plan, *, world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(
-            f"plan mesh {tuple(plan.mesh.shape)} over {tuple(plan.mesh.dim_names)} needs "
-            f"{mesh_size} ranks but the process group has world size {world_size}; launch with "
-            f"`autopar launch plan.json -- script.py` or torchrun --nproc-per-node={mesh_size}",
-            field="mesh.shape",
+            f"world_size must be a positive integer, got {world_size!r}", field="world_size"
         )
     if plan.num_devices != world_size:
+        size = plan.num_devices
         raise ConfigError(
-            f"plan is for {plan.num_devices} devices but the process group has world size "
-            f"{world_size}",
-            field="num_devices",
-        )
-    for axis in MESH_AXES:
-        want = getattr(plan.parallel, axis)
-        have = plan.mesh.degree(axis)
-        if want != have:
-            raise ConfigError(
-                f"parallel.{axis}={want} but the mesh gives axis '{axis}' degree {have}",
-                field=f"parallel.{axis}",
-            )
-    if any(int(n) < 1 for n in plan.mesh.shape):
-        raise ConfigError(f"mesh degrees must be >= 1, got {plan.mesh.shape}", field="mesh.shape")
-
-
-def _check_knobs(plan: Plan) -> None:
-    if plan.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"unknown schedule {plan.schedule!r}", field="schedule", allowed=SCHEDULES
-        )
-    if plan.recompute not in RECOMPUTE_MODES:
-        raise ConfigError(
-            f"unknown recompute mode {plan.recompute!r}", field="recompute", allowed=RECOMPUTE_MODES
-        )
-    if plan.zero_stage not in ZERO_STAGES:
-        raise ConfigError(
-            f"unknown ZeRO stage {plan.zero_stage!r}", field="zero_stage", allowed=ZERO_STAGES
-        )
-    if plan.microbatches < 1 or plan.micro_batch_size < 1:
-        raise ConfigError(
-            f"microbatches={plan.microbatches} and micro_batch_size={plan.micro_batch_size} "
-            "must both be >= 1",
-            field="microbatches",
-        )
-    tp = plan.mesh.degree("tp")
-    if plan.sequence_parallel and tp > 1 and plan.seq_len % tp:
-        raise ConfigError(
-            f"sequence parallelism splits seq_len={plan.seq_len} over tp={tp} unevenly",
-            field="sequence_parallel",
-        )
-    if plan.virtual_stages < 1:
-        raise ConfigError(
-            f"virtual_stages={plan.virtual_stages} must be >= 1", field="virtual_stages"
-        )
-    if plan.virtual_stages > 1 and plan.schedule != "interleaved_1f1b":
-        raise ConfigError(
-            f"virtual_stages={plan.virtual_stages} needs the interleaved schedule",
-            field="schedule",
-            allowed=("interleaved_1f1b",),
-        )
-
-
-def _check_stages(plan: Plan, *, model_layer_names: Iterable[str] | None) -> None:
-    pp = plan.parallel.pp
-    per_stage = plan.parallel.dp * plan.parallel.tp
-    want_stages = pp * plan.virtual_stages
-    if len(plan.stages) != want_stages:
-        raise ConfigError(
-            f"{len(plan.stages)} stages listed but pp={pp} x virtual_stages="
-            f"{plan.virtual_stages} needs {want_stages}",
-            field="stages",
-        )
-    world = plan.num_devices
-    for i, stage in enumerate(plan.stages):
-        coord = i % pp
-        expected = tuple(range(coord * per_stage, (coord + 1) * per_stage))
-        if tuple(sorted(stage.devices)) != expected:
-            raise ConfigError(
-                f"stage {i} runs on ranks {tuple(stage.devices)} but with the row-major "
-                f"(pp, dp, tp) mesh of {world} ranks it must run on pipeline rank {coord}: "
-                f"ranks {expected}",
-                field=f"stages[{i}].devices",
-            )
-    if model_layer_names is None:
-        return
-    order = list(model_layer_names)
-    position = {name: k for k, name in enumerate(order)}
-    seen: dict[str, int] = {}
-    last = -1
-    for i, stage in enumerate(plan.stages):
-        for name in stage.layers:
-            if name not in position:
-                raise ConfigError(
-                    f"stage {i} names layer {name!r} which the model does not have",
-                    field=f"stages[{i}].layers",
-                    allowed=order,
-                )
-            if name in seen:
-                raise ConfigError(
-                    f"layer {name!r} is in stage {seen[name]} and stage {i}",
-                    field=f"stages[{i}].layers",
-                )
-            if position[name] < last:
-                raise ConfigError(
-                    f"stage {i} lists {name!r} out of model order",
-                    field=f"stages[{i}].layers",
-                    allowed=order,
-                )
-            last = position[name]
-            seen[name] = i
-    missing = [n for n in order if n not in seen]
-    if missing:
-        raise ConfigError(
-            f"layers {missing} are in no stage (every layer must be placed exactly once)",
-            field="stages",
+            f"plan mesh {tuple(plan.mesh.shape)} over {tuple(plan.mesh.dim_names)} needs "
+            f"{size} ranks but the process group has world size {world_size}; launch with "
+            f"`autopar launch plan.json -- script.py` or torchrun --nproc-per-node={size}",
+            field="mesh.shape",
         )
 
 

@@ -70,6 +70,8 @@ class Executor:
         sequence_parallel: bool,
         recompute: str,
         device: torch.device,
+        recompute_layers: Sequence[str] = (),
+        offload_layers: Sequence[str] = (),
     ) -> None:
         self.program = program
         self.device = device
@@ -77,6 +79,10 @@ class Executor:
         self.tp = tp_mesh.size() if tp_mesh is not None else 1
         self.sequence_parallel = sequence_parallel
         self.recompute = recompute
+        self.recompute_layers = frozenset(recompute_layers)
+        """Blocks fully recomputed on top of ``recompute`` (the plan's per-stage relief)."""
+        self.offload_layers = frozenset(offload_layers)
+        """Blocks whose saved activations wait in host memory for the backward."""
         self.stats = OpStats()
         self.layouts = {n: lay for part in program.parts for n, lay in part.layouts.items()}
         gm = program.traced.graph_module
@@ -185,10 +191,16 @@ class LayerRunner(nn.Module):
         object.__setattr__(self, "_stage", stage)
 
     def forward(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
-        if self._executor.recompute == "full":
+        ex, name = self._executor, self._part.name
+        if ex.recompute == "full" or name in ex.recompute_layers:
             from autopar.emit.checkpointing import run_layer_checkpointed
 
             return run_layer_checkpointed(self, env)
+        if name in ex.offload_layers:
+            # what autograd saves for backward is copied to host memory and back on use
+            pin = ex.device.type == "cuda"
+            with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+                return self.run(env)
         return self.run(env)
 
     def run(self, env: dict[fx.Node, Any]) -> dict[fx.Node, Any]:

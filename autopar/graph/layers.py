@@ -278,14 +278,21 @@ def layer_graph(graph: OpGraph, layer: Layer) -> OpGraph:
     shared with another layer stay ``param``) and an ``output`` node for what leaves it."""
     g = nx.DiGraph()
     rank = 0
+    inside = set(layer.nodes)
     for p in layer.inputs:
         src = graph.node(p)
         kind = src.kind if src.kind in ("param", "buffer") else "input"
-        g.add_node(p, op=OpNode(name=p, kind=kind, op="placeholder", outputs=src.outputs,
+        outputs = src.outputs
+        if kind == "input" and len(outputs) > 1:
+            # only what the layer reads (a dropout's mask is read by its backward, elsewhere):
+            # two identical blocks then see identical inputs
+            read = {graph.nx_graph.edges[p, c]["tensor"] for c in graph.nx_graph.successors(p)
+                    if c in inside}  # fmt: skip
+            outputs = tuple(m for m in outputs if m in read) or outputs
+        g.add_node(p, op=OpNode(name=p, kind=kind, op="placeholder", outputs=outputs,
                                 params=src.params if kind != "input" else (),
                                 module_path=src.module_path), rank=rank)  # fmt: skip
         rank += 1
-    inside = set(layer.nodes)
     live_out: list[str] = []
     for n in layer.nodes:
         data = graph.nx_graph.nodes[n]

@@ -264,9 +264,8 @@ def _example_at(model: Any, seq_len: int | None) -> Any:
 
 
 def _seq_len_of(graph: OpGraph) -> int | None:
-    """Tokens per sample: the second dim of a 2-D integer input (token ids), else None."""
-    if "seq_len" in graph.metadata:
-        return int(graph.metadata["seq_len"])
+    """Tokens per sample: the second dim of a 2-D integer input (token ids), else None (images,
+    features: what the graph takes decides, never a config attribute)."""
     for node in graph:
         out = node.output
         if node.kind == "input" and out is not None and len(out.shape) == 2:

@@ -377,16 +377,27 @@ def _keep_fused_attention() -> Iterator[None]:
     from torch.overrides import TorchFunctionMode
 
     sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+    dropout_fn = torch.nn.functional.dropout
 
     class PythonDispatchForAttention(TorchFunctionMode):
         """Enable the Python dispatcher (which honours the override) only inside attention:
-        globally it would route every composite op through slow Python decompositions."""
+        globally it would route every composite op through slow Python decompositions.
+
+        Training dropout is recorded as ``aten.native_dropout`` (one op, a boolean mask), what
+        runs on GPUs: on fake CPU tensors ATen would take its CPU path (``bernoulli_``, a
+        float mask, ``div_``, ``mul``) and the saved mask would be priced in the float dtype.
+        """
 
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
             if func is sdpa_fn:
                 with enable_python_dispatcher():
                     return func(*args, **kwargs)
+            if func is dropout_fn:
+                bound = _dropout_args(*args, **kwargs)
+                if bound is not None:
+                    x, p = bound
+                    return torch.ops.aten.native_dropout(x, p, True)[0]
             return func(*args, **kwargs)
 
     with (
@@ -394,6 +405,15 @@ def _keep_fused_attention() -> Iterator[None]:
         PythonDispatchForAttention(),
     ):
         yield
+
+
+def _dropout_args(
+    input: Any, p: float = 0.5, training: bool = True, inplace: bool = False
+) -> tuple[Any, float] | None:
+    """(input, p) of an ``F.dropout`` call that drops in training, else None (left as is)."""
+    if not training or inplace or not 0.0 < float(p) < 1.0:
+        return None
+    return input, float(p)
 
 
 def _decomposition_table() -> dict:

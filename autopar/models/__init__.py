@@ -16,6 +16,7 @@ from autopar.models.zoo import (
     PRESETS,
     PUBLISHED,
     ModelInfo,
+    attach_example_inputs,
     build,
     list_models,
     param_count,
@@ -24,7 +25,7 @@ from autopar.models.zoo import (
 
 __all__ = [
     "FAMILIES", "PRESETS", "PUBLISHED", "ModelInfo", "build", "list_models", "param_count",
-    "parse_model_spec", "gpt", "llama", "bert", "vit", "moe", "mlp", "GPT", "GPTConfig",
+    "parse_model_spec", "attach_example_inputs", "gpt", "llama", "bert", "vit", "moe", "mlp", "GPT", "GPTConfig",
     "Llama", "LlamaConfig", "Bert", "BertConfig", "ViT", "ViTConfig", "MoE", "MoEConfig",
     "MLP", "MLPConfig",
 ]  # fmt: skip

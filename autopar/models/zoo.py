@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autopar.errors import ConfigError
+from autopar.errors import AutoparError, ConfigError, UserCodeError, user_code_location
 from autopar.models.bert import bert
 from autopar.models.gpt import gpt
 from autopar.models.llama import llama
@@ -34,6 +34,8 @@ __all__ = [
     "list_models",
     "parse_model_spec",
     "param_count",
+    "attach_example_inputs",
+    "load_callable",
 ]
 
 FAMILIES: Mapping[str, Callable[..., nn.Module]] = {
@@ -182,7 +184,15 @@ def _call_family(
         raise ConfigError(
             f"{family} needs {', '.join(missing)}", file=where, field=missing[0], allowed=allowed
         )
-    return factory(**kwargs, device=device)
+    try:
+        return factory(**kwargs, device=device)
+    except AutoparError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - shapes torch cannot build (storage overflow, ...)
+        shown = ",".join(f"{k}={v}" for k, v in kwargs.items() if k != "dtype")
+        raise ConfigError(
+            f"cannot build {family}:{shown}: {_exception_line(exc)}", file=where, field="model"
+        ) from exc
 
 
 def build(name: str, *, device: str | torch.device = "meta", **overrides: Any) -> nn.Module:
@@ -267,17 +277,79 @@ def _from_yaml(path: str, *, device: str | torch.device) -> nn.Module:
     return _call_family(family, data, device=device, where=path)
 
 
-def _from_factory(spec: str, *, device: str | torch.device) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
+def _exception_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_callable(spec: str, *, what: str = "model", field: str = "model") -> Callable[..., Any]:
+    """``package.module:name`` -> the callable it names. Import failures of the user's module
+    (a SyntaxError, an exception at import) are ``UserCodeError`` with the user's line."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr.isidentifier():
+        raise ConfigError(f"{what} {spec!r} is not 'package.module:function'", field=field)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import '{module_name}': {exc}", field="model") from exc
+        raise ConfigError(f"cannot import '{module_name}': {exc}", field=field) from exc
+    except Exception as exc:  # noqa: BLE001 - the user's module is broken: say where
+        raise UserCodeError(
+            f"importing '{module_name}' failed: {_exception_line(exc)}",
+            spec=spec,
+            location=user_code_location(exc),
+            field=field,
+            what=what,
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ConfigError(f"'{module_name}' has no callable '{attr}'", field="model")
+        raise ConfigError(f"'{module_name}' has no callable '{attr}'", field=field)
+    return factory
+
+
+def _call_user(
+    fn: Callable[..., Any], spec: str, *, what: str = "model", field: str = "model", **kwargs: Any
+) -> Any:
+    """Call the user's ``fn``: a missing argument or an exception inside it is a
+    ``UserCodeError`` naming the spec and the user's own failing line."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        needed = [
+            p.name
+            for p in sig.parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in kwargs
+        ]
+        if needed:
+            raise UserCodeError(
+                f"it needs argument(s) {', '.join(needed)} but is called with none; wrap it in "
+                "a function without arguments",
+                spec=spec,
+                field=field,
+                what=what,
+            )
+    try:
+        return fn(**kwargs)
+    except AutoparError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code raised: say where, not a traceback
+        raise UserCodeError(
+            f"calling it raised {_exception_line(exc)}",
+            spec=spec,
+            location=user_code_location(exc),
+            field=field,
+            what=what,
+        ) from exc
+
+
+def _from_factory(spec: str, *, device: str | torch.device) -> nn.Module:
+    factory = load_callable(spec)
     with torch.device(device):
-        model = factory()
+        model = _call_user(factory, spec, field="model")
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"'{spec}' returned {type(model).__name__}, expected a torch.nn.Module", field="model"
@@ -285,18 +357,130 @@ def _from_factory(spec: str, *, device: str | torch.device) -> nn.Module:
     return model
 
 
-def parse_model_spec(spec: str, *, device: str | torch.device = "meta") -> nn.Module:
+# ---------------------------------------------------------------------------------------------
+# example inputs for models that do not bring them
+# ---------------------------------------------------------------------------------------------
+def _first_embedding(model: nn.Module) -> nn.Embedding | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _config_seq_len(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("seq_len", "max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _resize_batch(x: Any, batch_size: int, device: torch.device) -> Any:
+    from torch.utils import _pytree as pytree
+
+    def fit(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.to(device)
+        if t.dim() == 0 or t.shape[0] == batch_size:
+            return t
+        if t.shape[0] > batch_size:
+            return t[:batch_size]
+        reps = -(-batch_size // t.shape[0])
+        return torch.cat([t] * reps, dim=0)[:batch_size]
+
+    return pytree.tree_map(fit, x)
+
+
+def attach_example_inputs(
+    model: nn.Module, spec: str | None = None, *, seq_len: int | None = None
+) -> nn.Module:
+    """Give ``model`` an ``example_inputs(batch_size=1)`` method (what tracing and the emitter
+    call) when it has none, or when ``spec`` names one; returns ``model``.
+
+    ``spec`` (``package.module:function``): a function of no arguments returning one batch of
+    what the forward takes (a tensor, a tuple of positional inputs or a dict of keyword inputs),
+    batch on dim 0; it is called once and its tensors are resized along dim 0 and moved to the
+    model's device. Without ``spec``, a model without the method that has an ``nn.Embedding``
+    (a token model) gets token ids ``[batch, seq_len]`` from its first embedding's vocabulary
+    (``seq_len``, else the model config's length); any other model is left as it is (tracing
+    then says it needs example inputs).
+    """
+    import types
+
+    if spec is not None:
+        what = "example inputs"
+        fn = load_callable(spec, what=what, field="--example-inputs")
+        cached: list[Any] = []
+
+        def from_user(self: nn.Module, batch_size: int = 1) -> Any:
+            if not cached:
+                with torch.device("cpu"):
+                    batch = _call_user(fn, spec, what=what, field="--example-inputs")
+                if not isinstance(batch, torch.Tensor | tuple | list | dict):
+                    raise ConfigError(
+                        f"'{spec}' returned {type(batch).__name__}; expected a tensor, a tuple "
+                        "of positional inputs or a dict of keyword inputs",
+                        field="--example-inputs",
+                    )
+                cached.append(tuple(batch) if isinstance(batch, list) else batch)
+            return _resize_batch(cached[0], batch_size, _model_device(self))
+
+        model.example_inputs = types.MethodType(from_user, model)
+        return model
+    if callable(getattr(model, "example_inputs", None)):
+        return model
+    embed = _first_embedding(model)
+    length = seq_len or _config_seq_len(model)
+    if embed is None or length is None:
+        return model
+    vocab = int(embed.num_embeddings)
+
+    def tokens(self: nn.Module, batch_size: int = 1) -> tuple[torch.Tensor]:
+        return (torch.randint(0, vocab, (batch_size, length), device=_model_device(self)),)
+
+    model.example_inputs = types.MethodType(tokens, model)
+    return model
+
+
+def parse_model_spec(
+    spec: str,
+    *,
+    device: str | torch.device = "meta",
+    example_inputs: str | None = None,
+    seq_len: int | None = None,
+) -> nn.Module:
     """Build the model a user names on the command line.
 
     Accepted forms: a zoo name (``gpt3-175b``); a zoo name or family with overrides
     (``gpt3-175b:layers=4``, ``gpt:layers=48,hidden=8192,heads=64``); a Hugging Face config
     (``hf:LlamaConfig:hidden_size=256,num_hidden_layers=2``, needs the hf extra); a YAML file with
     ``family:`` or ``preset:`` plus fields; ``package.module:factory`` (called with no arguments
-    under ``torch.device(device)``). Anything else raises ConfigError listing the valid names.
+    under ``torch.device(device)``). Anything else raises ConfigError listing the valid names;
+    an exception in the user's own code (the factory or its module) is a ``UserCodeError``
+    with the user's failing line.
+
+    ``example_inputs`` / ``seq_len``: see ``attach_example_inputs`` (a model without an
+    ``example_inputs`` method gets one from that function, or token ids for token models).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"empty model spec {spec!r}", field="model", allowed=sorted(PRESETS))
-    spec = spec.strip()
+    if not isinstance(spec, str):
+        raise ConfigError(
+            f"a model spec is a string, got {type(spec).__name__}",
+            field="model",
+            allowed=sorted(PRESETS),
+        )
+    if not spec.strip():
+        raise ConfigError("empty model spec", field="model", allowed=sorted(PRESETS))
+    return attach_example_inputs(
+        _build_spec(spec.strip(), device=device), example_inputs, seq_len=seq_len
+    )
+
+
+def _build_spec(spec: str, *, device: str | torch.device) -> nn.Module:
     if spec in PRESETS:
         return build(spec, device=device)
     if spec.endswith((".yaml", ".yml")) or os.path.isfile(spec):

@@ -161,6 +161,13 @@ def no_shapes_reason(
     if all(batch % dp for _, _, dp in dps):
         shown = sorted({dp for _, _, dp in dps})[:6]
         return f"no data-parallel degree {shown} divides the global batch {batch}"
+    m = fixed.get("microbatches")
+    if m is not None and all(m < pp for _, pp, _ in dps if pp > 1):
+        pps = sorted({pp for _, pp, _ in dps if pp > 1})
+        return (
+            f"microbatches={m} with pp={pps[0] if len(pps) == 1 else pps}: fewer microbatches "
+            "than stages (a pipeline needs at least one microbatch per stage)"
+        )
     if "micro_batch_size" in fixed or "microbatches" in fixed:
         return (
             f"micro_batch_size / microbatches {fixed.get('micro_batch_size')}/"

@@ -60,7 +60,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["StagePlan", "solve_stages", "brute_force_stages", "inflight_microbatches"]
+__all__ = [
+    "StagePlan",
+    "solve_stages",
+    "brute_force_stages",
+    "inflight_microbatches",
+    "Event",
+    "Timeline",
+    "schedule_order",
+    "simulate_schedule",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -322,3 +331,261 @@ def brute_force_stages(
             else:
                 best = min(best, w_sum * sum(ts) + w_max * max(ts))
     return float(best)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule simulation: the timeline of one training step's pipeline
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One interval of a simulated pipeline step on one pipeline rank."""
+
+    rank: int
+    """Pipeline rank the interval belongs to (for a send: the sender)."""
+    chunk: int
+    """Model chunk on that rank (global stage ``chunk · num_ranks + rank``); -1 for a tail."""
+    microbatch: int
+    """-1 for a tail."""
+    kind: str
+    """``"F"`` forward, ``"B"`` backward, ``"send"`` point-to-point transfer, ``"tail"`` the
+    rank's work after its last backward (exposed gradient sync and optimizer step)."""
+    start_s: float
+    end_s: float
+    to_rank: int = -1
+    """For a send: the receiving pipeline rank."""
+    grad: bool = False
+    """For a send: True for a gradient going back, False for an activation going forward."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeline:
+    """What ``simulate_schedule`` returns: every interval of the step, and when it ends."""
+
+    schedule: str
+    num_ranks: int
+    virtual_stages: int
+    microbatches: int
+    events: tuple[Event, ...]
+    """F / B / send / tail intervals, ordered by rank then start time."""
+    makespan_s: float
+    """End of the last interval: the step time the schedule model predicts (tails included
+    when given)."""
+    pipeline_s: float
+    """End of the last forward, backward or send (the step without the tails)."""
+    rank_end_s: tuple[float, ...]
+    """Per rank, the end of its last interval (its tail included)."""
+    rank_busy_s: tuple[float, ...]
+    """Per rank, seconds of forward and backward compute (sends and tails excluded)."""
+
+    def stage_of(self, event: Event) -> int:
+        """Global stage of an F / B / send event (chunk c of rank r is stage ``c · S + r``)."""
+        return event.chunk * self.num_ranks + event.rank
+
+    def rank_idle_s(self, rank: int) -> float:
+        """Bubble of one rank: the time of the pipeline (``pipeline_s``) it computes nothing."""
+        return self.pipeline_s - self.rank_busy_s[rank]
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def schedule_order(
+    *, schedule: str, num_ranks: int, virtual_stages: int, microbatches: int
+) -> list[list[tuple[str, int, int]]]:
+    """Per pipeline rank, its ops in execution order as ``(kind, chunk, microbatch)``.
+
+    * ``gpipe``: all M forwards, then all M backwards (microbatch order).
+    * ``1f1b`` (PipeDream-flush): rank s warms up with ``min(S - s - 1, M)`` forwards, then
+      alternates one forward and one backward, then cools down with the remaining backwards.
+    * ``interleaved_1f1b`` (megatron-core's ``forward_backward_pipelining_with_interleaving``
+      with its default ``microbatch_group_size_per_vp_stage = S``, which needs M divisible by
+      S): the rank's ``M·v`` chunk-microbatches are taken in groups of S microbatches per chunk
+      (virtual index k: chunk ``(k mod S·v) // S``, reversed for backwards, microbatch
+      ``(k // S·v)·S + k mod S``; megatron's ``get_schedule_table``); rank s warms up with
+      ``min(2·(S - s - 1) + (v - 1)·S, M·v)`` forwards, then alternates one forward and one
+      backward, then cools down.
+    """
+    s_count, v, m = num_ranks, virtual_stages, microbatches
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r} (allowed: {', '.join(SCHEDULES)})")
+    if s_count < 1 or m < 1 or v < 1:
+        raise ValueError(
+            f"num_ranks, microbatches and virtual_stages must be >= 1 (got {s_count}, {m}, {v})"
+        )
+    if schedule != "interleaved_1f1b" and v != 1:
+        raise ValueError(f"{schedule} runs one chunk per rank (virtual_stages=1), got {v}")
+    if schedule == "interleaved_1f1b" and m % s_count:
+        raise ValueError(
+            f"interleaved_1f1b needs microbatches divisible by the pipeline ranks "
+            f"(Megatron-LM), got {m} microbatches on {s_count} ranks"
+        )
+    orders: list[list[tuple[str, int, int]]] = []
+    for s in range(s_count):
+        if schedule == "gpipe":
+            orders.append([("F", 0, i) for i in range(m)] + [("B", 0, i) for i in range(m)])
+            continue
+        if schedule == "1f1b":
+            fwd = [("F", 0, i) for i in range(m)]
+            bwd = [("B", 0, i) for i in range(m)]
+            warmup = min(s_count - s - 1, m)
+        else:
+            group = s_count * v
+
+            def op(kind: str, k: int, group: int = group) -> tuple[str, int, int]:
+                chunk = (k % group) // s_count
+                if kind == "B":
+                    chunk = v - 1 - chunk
+                return (kind, chunk, (k // group) * s_count + k % s_count)
+
+            total = m * v
+            fwd = [op("F", k) for k in range(total)]
+            bwd = [op("B", k) for k in range(total)]
+            warmup = min(2 * (s_count - s - 1) + (v - 1) * s_count, total)
+        steady = len(fwd) - warmup
+        order = fwd[:warmup]
+        for i in range(steady):
+            order += [fwd[warmup + i], bwd[i]]
+        order += bwd[steady:]
+        orders.append(order)
+    return orders
+
+
+def simulate_schedule(
+    *,
+    schedule: str,
+    num_ranks: int,
+    virtual_stages: int,
+    microbatches: int,
+    fwd_s: Sequence[float] | float,
+    bwd_s: Sequence[float] | float,
+    send_s: Sequence[float] | float,
+    tail_s: Sequence[float] | None = None,
+    overlap_p2p: bool = True,
+) -> Timeline:
+    """Simulate one step of a pipeline schedule op by op; the timeline and its makespan.
+
+    ``fwd_s``, ``bwd_s`` and ``send_s`` give, per global stage g (``num_ranks · virtual_stages``
+    of them; chunk c of rank r is stage ``c · num_ranks + r``), one microbatch's forward,
+    backward, and the transfer of stage g's output to stage g + 1 (the gradient coming back
+    over that boundary costs the same; the last stage's entry is unused). A scalar applies to
+    every stage. ``tail_s`` (per rank, optional) is the work after a rank's last backward: the
+    exposed gradient synchronisation and the optimizer step.
+
+    Each rank runs its ops in ``schedule_order``. An op starts as soon as its rank is free and
+    its inputs have arrived: the forward of stage g needs the forward of g - 1 plus that
+    boundary's send; the backward of g needs its own forward and the backward of g + 1 plus the
+    send. Sends are asynchronous (``overlap_p2p``, as torch.distributed.pipelining's isend and
+    Megatron-LM's overlapped p2p): they occupy the link out of the sender, one transfer per
+    direction at a time, not the sender's compute. With ``overlap_p2p=False`` the sender also
+    waits for its send to finish. Pure Python, no torch.
+
+    With equal stages and no sends, 1F1B / GPipe take exactly ``(M + S - 1)·(f + b)`` and the
+    interleaved schedule ``(M + (S - 1)/v)·(f + b)`` (f, b: a rank's whole forward / backward).
+    """
+    orders = schedule_order(
+        schedule=schedule, num_ranks=num_ranks, virtual_stages=virtual_stages,
+        microbatches=microbatches,
+    )  # fmt: skip
+    n_stages = num_ranks * virtual_stages
+    fwd = _per_stage(fwd_s, n_stages, "fwd_s")
+    bwd = _per_stage(bwd_s, n_stages, "bwd_s")
+    send = _per_stage(send_s, n_stages, "send_s")
+    tails = None if tail_s is None else _per_stage(tail_s, num_ranks, "tail_s")
+    m = microbatches
+    f_end = [[-1.0] * m for _ in range(n_stages)]
+    f_arrive = [[0.0 if g == 0 else -1.0] * m for g in range(n_stages)]
+    b_arrive = [[-1.0] * m for _ in range(n_stages)]
+    rank_free = [0.0] * num_ranks
+    link_free = {(r, d): 0.0 for r in range(num_ranks) for d in (True, False)}
+    busy = [0.0] * num_ranks
+    nxt = [0] * num_ranks
+    events: list[Event] = []
+    remaining = sum(len(o) for o in orders)
+
+    def transfer(
+        r: int, chunk: int, mb: int, g_to: int, t: float, cost: float, grad: bool
+    ) -> float:
+        start = max(t, link_free[(r, grad)])
+        end = start + cost
+        link_free[(r, grad)] = end
+        if cost > 0.0:
+            events.append(
+                Event(
+                    rank=r,
+                    chunk=chunk,
+                    microbatch=mb,
+                    kind="send",
+                    start_s=start,
+                    end_s=end,
+                    to_rank=g_to % num_ranks,
+                    grad=grad,
+                )  # fmt: skip
+            )
+        if not overlap_p2p:
+            rank_free[r] = max(rank_free[r], end)
+        return end
+
+    while remaining:
+        progressed = False
+        for r in range(num_ranks):
+            order = orders[r]
+            while nxt[r] < len(order):
+                kind, chunk, mb = order[nxt[r]]
+                g = chunk * num_ranks + r
+                if kind == "F":
+                    ready = f_arrive[g][mb]
+                else:  # its own forward, and the gradient from the next stage (none on the last)
+                    grad = b_arrive[g][mb] if g < n_stages - 1 else 0.0
+                    ready = -1.0 if min(grad, f_end[g][mb]) < 0.0 else max(grad, f_end[g][mb])
+                if ready < 0.0:
+                    break
+                start = max(rank_free[r], ready)
+                end = start + (fwd[g] if kind == "F" else bwd[g])
+                events.append(Event(rank=r, chunk=chunk, microbatch=mb, kind=kind, start_s=start,
+                                    end_s=end))  # fmt: skip
+                rank_free[r] = end
+                busy[r] += end - start
+                if kind == "F":
+                    f_end[g][mb] = end
+                    if g < n_stages - 1:
+                        f_arrive[g + 1][mb] = transfer(r, chunk, mb, g + 1, end, send[g], False)
+                elif g > 0:
+                    b_arrive[g - 1][mb] = transfer(r, chunk, mb, g - 1, end, send[g - 1], True)
+                nxt[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # pragma: no cover - every order above is deadlock-free
+            raise RuntimeError(f"{schedule} order deadlocks: ranks stuck at ops {nxt}")
+    pipeline_s = max(e.end_s for e in events)
+    rank_end = [max(e.end_s for e in events if e.rank == r) for r in range(num_ranks)]
+    if tails is not None:
+        for r in range(num_ranks):
+            if tails[r] > 0.0:  # after the rank's last op, a backward (and its send if blocking)
+                start = rank_free[r]
+                events.append(Event(rank=r, chunk=-1, microbatch=-1, kind="tail", start_s=start,
+                                    end_s=start + tails[r]))  # fmt: skip
+                rank_end[r] = max(rank_end[r], start + tails[r])
+    events.sort(key=lambda e: (e.rank, e.start_s, e.kind == "send"))
+    return Timeline(
+        schedule=schedule,
+        num_ranks=num_ranks,
+        virtual_stages=virtual_stages,
+        microbatches=microbatches,
+        events=tuple(events),
+        makespan_s=max(rank_end),
+        pipeline_s=pipeline_s,
+        rank_end_s=tuple(rank_end),
+        rank_busy_s=tuple(busy),
+    )
+
+
+def _per_stage(values: Sequence[float] | float, n: int, name: str) -> list[float]:
+    if isinstance(values, int | float | np.floating | np.integer):
+        out = [float(values)] * n
+    else:
+        out = [float(x) for x in values]
+    if len(out) != n:
+        raise ValueError(f"{name} needs {n} entries (one per stage / rank), got {len(out)}")
+    if any(not np.isfinite(x) or x < 0.0 for x in out):
+        raise ValueError(f"{name} must be finite and >= 0, got {out}")
+    return out

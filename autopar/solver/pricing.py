@@ -21,11 +21,21 @@ Memory per device on the most loaded stage: weights, gradients and optimizer sta
 dp from ZeRO stage 3, 2 and 1 respectively), activations of the microbatches in flight for the
 schedule (``pipeline.inflight_microbatches``) and transients (a recomputed layer's full
 activations; ZeRO-3's gathered weights). A candidate over capacity is dropped, and counted.
+
+Memory relief is priced only where a candidate does not fit, as the emitter applies it:
+per-stage full recompute of as few blocks as each over-capacity rank needs (the first 1F1B
+rank, with the most microbatches in flight, needs the most); per-stage activation offload
+(``save_on_cpu``: copies on the compute stream, exposed); model-state offload, ``optimizer``
+(ZeRO-Offload: state and an fp32 master copy in host memory, gradients out and weights back
+around a CPU step after backward, all exposed) or ``full`` (FSDP2's CPU offload: ZeRO-3 whose
+gathers and reduce-scatters also cross PCIe, prefetched like ZeRO-3's). Host memory is checked
+per device (its share of the host); optimizer state that the host cannot hold goes to NVMe.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +83,22 @@ class Priced:
     memory: MemoryBreakdown
     peak_bytes: float
     costs: tuple[LayerCost, ...] = field(repr=False, default=())
+    offload: str = "none"
+    """Model-state offload: ``none``, ``optimizer`` or ``full``."""
+    offload_device: str = "cpu"
+    """Where offloaded optimizer state lives: ``cpu`` or ``nvme`` (when host memory is short)."""
+    recompute_layers: tuple[int, ...] = ()
+    """Layer indices of the blocks fully recomputed on top of ``recompute`` (per-stage relief:
+    only on the ranks over capacity)."""
+    offload_layers: tuple[int, ...] = ()
+    """Layer indices of the blocks whose saved activations go to host memory."""
+    host_bytes: float = 0.0
+    """Host memory one device uses (most loaded rank)."""
+    offload_s: float = 0.0
+    """Exposed host<->device transfers and CPU optimizer time per step."""
+    offload_hidden_s: float = 0.0
+    ranks: RankArrays | None = field(default=None, repr=False)
+    """Per pipeline rank memory and tail, as priced (for the plan's per-rank figures)."""
 
     @property
     def parallel(self) -> Parallel:
@@ -81,7 +107,8 @@ class Priced:
     def key(self) -> tuple:
         s = self.shape
         return (s.pp, s.dp, s.tp, s.b, self.schedule, self.virtual_stages, self.zero,
-                self.recompute, self.sequence_parallel)  # fmt: skip
+                self.recompute, self.sequence_parallel, self.offload, self.recompute_layers,
+                self.offload_layers)  # fmt: skip
 
 
 @dataclass(slots=True, kw_only=True)
@@ -91,6 +118,7 @@ class PricingContext:
     global_batch: int
     dtype_bytes: int
     optimizer: str
+    optimizer_state_bytes: float
     dtype: str
     capacity_bytes: float
     blocks: list[int]
@@ -101,6 +129,42 @@ class PricingContext:
     """Seconds to send one stage boundary's activation (all dp x tp pairs at once)."""
     overlap_grad_reduce: bool = True
     fixed: dict[str, Any] = field(default_factory=dict)
+    host: HostRates | None = None
+    """Host memory and links per device; None when offload is not searched."""
+    offload_modes: tuple[str, ...] = ("none",)
+    """Model-state offload modes to try (``none`` first; ``optimizer``, ``full``)."""
+    host_short: list[float] = field(default_factory=list)
+    """Host bytes per device of candidates that fit the device but not the host (shared by
+    ``replace``d copies: the search reads it when nothing fits)."""
+    reliefs: tuple[str, ...] = ()
+    """Per-stage memory relief to try when a candidate does not fit: ``recompute`` (fully
+    recompute only as many blocks as the stage needs) and ``offload`` (move that many blocks'
+    saved activations to host memory)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankArrays:
+    """Per pipeline rank bytes (after any relief) and seconds after the pipeline flush."""
+
+    weights: np.ndarray
+    grads: np.ndarray
+    optimizer: np.ndarray
+    activations: np.ndarray
+    other: np.ndarray
+    host: np.ndarray
+    tail: np.ndarray
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostRates:
+    """What one device may use of its host (its share when every device of the host does)."""
+
+    memory_bytes: float
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    cpu_adam_params_per_s: float
+    nvme_bytes: float
+    nvme_bytes_per_s: float
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +214,7 @@ def _base(ctx: PricingContext, shape: Shape, costs: tuple[LayerCost, ...]) -> _B
 
 @dataclass(slots=True)
 class _Vectors:
-    """Per-layer arrays for one (shape, recompute, zero) combination."""
+    """Per-layer arrays for one (shape, recompute, zero, offload) combination."""
 
     lat: np.ndarray
     hidden_zero3: np.ndarray
@@ -168,9 +232,30 @@ class _Vectors:
     optimizer: np.ndarray
     params: np.ndarray
     p2p: np.ndarray
+    host: np.ndarray
+    """Bytes of model state per layer kept in host memory (offload)."""
+    fwd_window: np.ndarray
+    """Forward compute per layer (what activation offload's copies overlap with)."""
+    to_full: np.ndarray
+    """Extra seconds per microbatch to recompute the layer in full (per-stage relief)."""
+    full_saved: np.ndarray
+    """What the layer keeps when fully recomputed (its input), and its transient then."""
+    full_transient: np.ndarray
+    offload_hidden: np.ndarray
+    offload_exposed: np.ndarray
+    """Host<->device copies of ``full`` offload not hidden behind compute, per microbatch."""
+    """Host<->device copies per layer hidden behind compute (full offload)."""
 
 
-def _vectors(ctx: PricingContext, b: _Base, dp: int, recompute: str, zero: int) -> _Vectors:
+def _vectors(
+    ctx: PricingContext,
+    b: _Base,
+    dp: int,
+    recompute: str,
+    zero: int,
+    offload: str = "none",
+    microbatches: int = 1,
+) -> _Vectors:
     compute = b.fwd + b.bwd
     if recompute == "full":
         # re-run the forward, its tensor-parallel collectives included (those count as tp comm)
@@ -183,23 +268,56 @@ def _vectors(ctx: PricingContext, b: _Base, dp: int, recompute: str, zero: int) 
         rec, tp = np.zeros_like(b.fwd), b.tp_fwd + b.tp_bwd
         saved, trans = b.act, np.zeros_like(b.fwd)
     base = compute + rec + tp
-    if zero == 3 and dp > 1:
+    # ZeRO-2 shards gradients only without accumulation: over several microbatches the full
+    # gradients accumulate before the one reduce-scatter (FSDP2's no-sync, what the emitter
+    # runs; Megatron's distributed optimizer), so it holds ZeRO-1's gradient memory
+    state_zero = 1 if zero == 2 and microbatches > 1 else zero
+    state = model_state_breakdown(
+        num_params=1.0, dtype=ctx.dtype, optimizer=ctx.optimizer, zero_stage=state_zero, dp=dp
+    )
+    w_pp, g_pp, o_pp, host_pp = state.weights, state.grads, state.optimizer, 0.0
+    gather, reduce = b.gather, b.reduce
+    copies_hidden = np.zeros_like(base)
+    copies_exposed = np.zeros_like(base)
+    if offload == "optimizer":
+        host_pp, o_pp = o_pp, 0.0
+    elif offload == "full":
+        # FSDP2's CPU offload: the weight shard comes from host memory before every use, the
+        # gradient shard goes back after every reduce-scatter
+        host_pp, w_pp, g_pp, o_pp = w_pp + g_pp + o_pp, 0.0, 0.0, 0.0
+        h = ctx.host
+        assert h is not None
+        w_shard = b.params * ctx.dtype_bytes / max(1, dp)
+        gather = gather + w_shard / h.h2d_bytes_per_s
+        reduce = reduce + w_shard / h.d2h_bytes_per_s
+    if zero == 3 and (dp > 1 or offload == "full"):
         # forward: the next layer's weights are prefetched behind this layer's compute;
         # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
         fwd = b.fwd + b.tp_fwd
-        lat = base + np.maximum(0.0, b.gather - fwd) + b.gather + b.reduce
-        hidden = np.minimum(b.gather, fwd)
+        lat = base + np.maximum(0.0, gather - fwd) + gather + reduce
+        hidden = np.minimum(gather, fwd)
         trans = trans + b.params * ctx.dtype_bytes  # one layer's gathered weights at a time
         sync = np.zeros_like(base)
+        if offload == "full":
+            copies_hidden = np.minimum(gather - b.gather, fwd)
+            plain = (
+                np.maximum(0.0, b.gather - fwd) + b.gather + b.reduce
+                if dp > 1
+                else np.zeros_like(base)
+            )
+            copies_exposed = lat - base - plain
     else:
         lat, hidden, sync = base, np.zeros_like(base), b.grad_sync
-    state = model_state_breakdown(
-        num_params=1.0, dtype=ctx.dtype, optimizer=ctx.optimizer, zero_stage=zero, dp=dp
-    )
+    if recompute == "none":
+        to_full = b.fwd + b.tp_fwd
+    elif recompute == "selective":
+        to_full = np.maximum(0.0, b.fwd + b.tp_fwd - b.core_fwd)
+    else:
+        to_full = np.zeros_like(base)
     return _Vectors(
         lat=lat,
         hidden_zero3=hidden,
-        exposed_zero3=lat - base,
+        exposed_zero3=lat - base - copies_exposed,
         compute=compute,
         recompute=rec,
         tp=tp,
@@ -208,17 +326,92 @@ def _vectors(ctx: PricingContext, b: _Base, dp: int, recompute: str, zero: int) 
         tp_sync=b.tp_sync,
         saved=saved,
         transient=trans,
-        weights=b.params * state.weights,
-        grads=b.params * state.grads,
-        optimizer=b.params * state.optimizer,
+        weights=b.params * w_pp,
+        grads=b.params * g_pp,
+        optimizer=b.params * o_pp,
         params=b.params,
         p2p=b.p2p,
+        host=b.params * host_pp,
+        fwd_window=b.fwd,
+        to_full=to_full,
+        full_saved=b.inp,
+        full_transient=b.act,
+        offload_hidden=copies_hidden,
+        offload_exposed=copies_exposed,
     )
 
 
 @functools.lru_cache(maxsize=65536)
 def _inflight(schedule: str, pp: int, m: int, v: int) -> Any:
     return inflight_microbatches(schedule=schedule, num_stages=pp, microbatches=m, virtual_stages=v)
+
+
+def _relieve(
+    ctx: PricingContext,
+    vec: _Vectors,
+    *,
+    owner: np.ndarray,
+    flight: np.ndarray,
+    totals: np.ndarray,
+    other: np.ndarray,
+    relief: str,
+    pp: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per-stage memory relief for the ranks over capacity, fewest blocks first.
+
+    Returns (the relieved blocks' layer indices, extra seconds per microbatch per rank, new
+    device bytes per rank, activation bytes sent to host per rank), or None when a rank cannot
+    fit. A rank
+    with more microbatches in flight (the first in 1F1B) needs more relief than the last.
+    ``recompute``: a block fully recomputed keeps only its input (its full activations are a
+    transient while it is recomputed). ``offload``: a block's saved activations are copied to
+    host memory as the forward goes and back for the backward, on the compute stream
+    (``torch.autograd.graph.save_on_cpu``, what the emitter runs): the copies are exposed.
+    """
+    cap = ctx.capacity_bytes
+    picked: list[int] = []
+    extra = np.zeros(pp)
+    totals = totals.copy()
+    host_act = np.zeros(pp)
+    blocks = np.asarray(ctx.blocks, dtype=np.int64)
+    for r in np.nonzero(totals > cap * (1 + 1e-9))[0]:
+        mine = blocks[owner[blocks] == r]
+        if len(mine) == 0:
+            return None
+        if relief == "recompute":
+            save = flight[r] * (vec.saved[mine] - vec.full_saved[mine])
+            peak_t = float(np.max(vec.full_transient[mine]))
+            new_other = max(float(other[r]), peak_t)
+        else:
+            save = flight[r] * vec.saved[mine]
+            new_other = float(other[r]) + float(np.max(vec.saved[mine]))  # a copy in flight
+        order = np.argsort(-save)
+        cum = np.cumsum(save[order])
+        over = float(totals[r]) - cap + (new_other - float(other[r]))
+        n = int(np.searchsorted(cum, over - 1e-6)) + 1
+        if n > len(mine) or float(cum[min(n, len(cum)) - 1]) < over - 1e-6:
+            return None
+        chosen = mine[order[:n]]
+        picked += [int(i) for i in chosen]
+        totals[r] = float(totals[r]) - float(cum[n - 1]) + (new_other - float(other[r]))
+        if relief == "recompute":
+            extra[r] = float(vec.to_full[chosen].sum())
+        else:
+            host = ctx.host
+            if host is None:
+                return None
+            moved = float(vec.saved[chosen].sum())
+            host_act[r] = float(flight[r]) * moved
+            # save_on_cpu copies on the compute stream: out in forward, back in backward
+            extra[r] = moved / host.d2h_bytes_per_s + moved / host.h2d_bytes_per_s
+    return tuple(sorted(picked)), extra, totals, host_act
+
+
+def _pipeline_s(vec: _Vectors, owner: np.ndarray, pp: int, m: int, v: int) -> float:
+    """The pipeline part of a layout's step time (a lower bound of the step)."""
+    bnd = np.nonzero(owner[:-1] != owner[1:])[0]
+    lat = np.bincount(owner, vec.lat, pp) + np.bincount(owner[bnd], vec.p2p[bnd], pp)
+    return float(lat.sum()) / v + (m - 1.0 / v) * float(lat.max())
 
 
 def _evaluate(
@@ -236,6 +429,9 @@ def _evaluate(
     variant: int,
     costs: tuple[LayerCost, ...],
     need: list[float],
+    offload: str = "none",
+    relief: str = "none",
+    bound: float = math.inf,
 ) -> Priced | None:
     """Step time and peak memory of one assignment of layers to pipeline ranks (module doc)."""
     pp = shape.pp
@@ -249,27 +445,86 @@ def _evaluate(
     other = np.zeros(pp)
     np.maximum.at(other, owner, vec.transient)
     totals = w + g + o + a + other
-    worst = int(np.argmax(totals))
-    peak = float(totals[worst])
-    if peak > ctx.capacity_bytes * (1 + 1e-9):
-        need.append(peak)
-        return None
+    cap = ctx.capacity_bytes * (1 + 1e-9)
+    relieved_layers: tuple[int, ...] = ()
+    extra = np.zeros(pp)
+    host_act = np.zeros(pp)
     bnd = np.nonzero(owner[:-1] != owner[1:])[0]  # a stage boundary follows these layers
     p2p_dev = np.bincount(owner[bnd], vec.p2p[bnd], pp)
     lat_dev = np.bincount(owner, vec.lat, pp) + p2p_dev
     w_sum, w_max = 1.0 / v, m - 1.0 / v
+    if bound < math.inf and w_sum * float(lat_dev.sum()) + w_max * float(lat_dev.max()) >= bound:
+        return None  # relief and offload only add time: it cannot reach the best ones
+    if relief != "none":
+        if not (totals > cap).any():
+            return None  # nothing to relieve: the plain candidate is the same plan
+        relieved = _relieve(ctx, vec, owner=owner, flight=flight, totals=totals, other=other,
+                            relief=relief, pp=pp)  # fmt: skip
+        if relieved is None:
+            need.append(float(totals.max()))
+            return None
+        relieved_layers, extra, totals, host_act = relieved
+    worst = int(np.argmax(totals))
+    peak = float(totals[worst])
+    if peak > cap:
+        need.append(peak)
+        return None
+    # host memory: offloaded model state, offloaded activations (per device of a host)
+    host_state = np.bincount(owner, vec.host, pp)
+    host_need = host_state + host_act
+    offload_device = "cpu"
+    nvme_s = 0.0
+    if offload != "none" or relief == "offload":
+        h = ctx.host
+        if h is None:
+            return None
+        if float(host_need.max()) > h.memory_bytes:
+            if offload == "none" or h.nvme_bytes <= 0:
+                ctx.host_short.append(float(host_need.max()))
+                return None
+            # the optimizer state moves on to NVMe (ZeRO-Infinity) when the host cannot hold it
+            opt_bytes = np.bincount(owner, vec.params, pp) * (
+                ctx.optimizer_state_bytes / (shape.dp if zero >= 1 else 1)
+            )
+            rest = host_need - opt_bytes
+            if float(rest.max()) > h.memory_bytes or float(opt_bytes.max()) > h.nvme_bytes:
+                ctx.host_short.append(float(rest.max()))
+                return None
+            offload_device = "nvme"
+            host_need = rest
+            nvme_s = float(2.0 * opt_bytes.max() / h.nvme_bytes_per_s)  # read and write back
+    lat_dev = lat_dev + extra
     slow = int(np.argmax(lat_dev))
     pipeline_s = w_sum * float(lat_dev.sum()) + w_max * float(lat_dev[slow])
     sync = np.bincount(owner, vec.grad_sync, pp)
     window = np.bincount(owner, vec.bwd_window, pp)
+    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if zero >= 1 else 1)
+    offload_tail = np.zeros(pp)
+    if offload == "optimizer":
+        h = ctx.host
+        assert h is not None
+        # ZeRO-Offload as the emitter runs it (emit.offload.HostOptimizer): after backward the
+        # gradients go to the host, the CPU updates, the new weights come back
+        grads_dev = params_dev * ctx.dtype_bytes
+        offload_tail = (
+            params_dev / h.cpu_adam_params_per_s
+            + grads_dev / h.d2h_bytes_per_s
+            + grads_dev / h.h2d_bytes_per_s
+        )
+    elif offload == "full":
+        h = ctx.host
+        assert h is not None
+        offload_tail = params_dev / h.cpu_adam_params_per_s  # weights stay on the host
     if ctx.overlap_grad_reduce:
         exposed_sync = np.maximum(0.0, sync - window)
     else:
         exposed_sync = sync
     tp_sync = np.bincount(owner, vec.tp_sync, pp)
-    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if zero >= 1 else 1)
     intercept, slope = ctx.optimizer_line
-    opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
+    if offload == "none":
+        opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
+    else:
+        opt = offload_tail + nvme_s
     tail = exposed_sync + tp_sync + opt
     last = int(np.argmax(tail))
     step = pipeline_s + float(tail[last])
@@ -277,23 +532,36 @@ def _evaluate(
     busy = m * float(lat_dev[slow])
     # the fill/drain is the other ranks' work; its point-to-point part is pipeline p2p too
     p2p_fill = w_sum * float(p2p_dev.sum() - p2p_dev[slow])
+    relief_rec = m * float(extra[slow]) if relief == "recompute" else 0.0
+    relief_off = m * float(extra[slow]) if relief == "offload" else 0.0
+    offload_s = (
+        relief_off
+        + (float(opt[last]) if offload != "none" else 0.0)
+        + m * float(vec.offload_exposed[on_slow].sum())
+    )
     breakdown = TimeBreakdown(
-        compute=m * float(vec.compute[on_slow].sum()) + float(opt[last]),
-        recompute=m * float(vec.recompute[on_slow].sum()),
+        compute=m * float(vec.compute[on_slow].sum())
+        + (float(opt[last]) if offload == "none" else 0.0),
+        recompute=m * float(vec.recompute[on_slow].sum()) + relief_rec,
         tp_comm=m * float(vec.tp[on_slow].sum()) + float(tp_sync[last]),
         pp_comm=m * float(p2p_dev[slow]) + p2p_fill,
-        pp_bubble=float(pipeline_s - busy - p2p_fill),
+        pp_bubble=max(0.0, float(pipeline_s - busy - p2p_fill)),
         dp_comm=m * float(vec.exposed_zero3[on_slow].sum()) + float(exposed_sync[last]),
         overlapped_comm=m * float(vec.hidden_zero3[on_slow].sum())
         + float(sync[last] - exposed_sync[last]),
+        offload=offload_s,
     )
     memory = MemoryBreakdown(
         weights=float(w[worst]),
         grads=float(g[worst]),
         optimizer=float(o[worst]),
-        activations=float(a[worst]),
+        activations=float(totals[worst] - w[worst] - g[worst] - o[worst] - other[worst])
+        if relief != "none"
+        else float(a[worst]),
         other=float(other[worst]),
         capacity=float(ctx.capacity_bytes),
+        host=float(host_need.max()),
+        host_capacity=float(ctx.host.memory_bytes) if ctx.host is not None else 0.0,
     )
     return Priced(
         shape=shape,
@@ -310,6 +578,22 @@ def _evaluate(
         memory=memory,
         peak_bytes=peak,
         costs=costs,
+        offload=offload,
+        offload_device=offload_device,
+        recompute_layers=relieved_layers if relief == "recompute" else (),
+        offload_layers=relieved_layers if relief == "offload" else (),
+        host_bytes=float(host_need.max()),
+        offload_s=offload_s,
+        offload_hidden_s=m * float(vec.offload_hidden[on_slow].sum()),
+        ranks=RankArrays(
+            weights=w,
+            grads=g,
+            optimizer=o,
+            activations=totals - w - g - o - other,
+            other=other,
+            host=host_need,
+            tail=tail,
+        ),  # fmt: skip
     )
 
 
@@ -468,6 +752,8 @@ class DPJob:
     sequence_parallel: bool
     variant: int
     costs: tuple[LayerCost, ...]
+    context: PricingContext
+    offload: str = "none"
 
 
 def price_shape(
@@ -479,11 +765,20 @@ def price_shape(
     variant: int,
     keep: Callable[[Priced], None],
     need: list[float],
+    bound: Callable[[], float] = lambda: math.inf,
+    phase: str = "all",
 ) -> list[DPJob]:
     """Price the uniform / interleaved layouts of every option of one shape; return DP jobs.
 
     ZeRO 0, 1 and 2 take the same time here, so the lowest stage that fits is kept (and ZeRO-3
     separately). GPipe has 1F1B's bubble and more memory, so it is priced only when pinned.
+    Memory relief is tried only where the plain candidate does not fit: per-stage recompute or
+    activation offload for the stages over capacity, then model-state offload (``optimizer``,
+    ``full``) for the whole option.
+
+    ``phase``: ``all``; ``plain`` (no relief, and the first offload mode only: a first pass that
+    makes the search's bound tight); ``relief`` (only what ``plain`` left out, each pruned against ``bound``, which
+    is cheap once the bound is tight: relief and offload only add time).
     """
     fixed = ctx.fixed
     m = ctx.global_batch // (shape.dp * shape.b)
@@ -495,66 +790,99 @@ def price_shape(
     if pp == 1:
         schedules = [s for s in schedules if s != "interleaved_1f1b"] or ["1f1b"]
     zeros = _options(fixed, "zero", ZERO_STAGES)
-    if shape.dp == 1:
-        zeros = [z for z in zeros if z == 0] or zeros[:1]
     uniform = _uniform_owner(n, blocks, pp) if blocks else np.zeros(n, dtype=np.int64)
     jobs: list[DPJob] = []
+
+    def layouts_of(schedule: str) -> list[tuple[int, np.ndarray | None]]:
+        if schedule == "interleaved_1f1b":
+            if m % pp:
+                return []  # Megatron's interleaved schedule needs M divisible by pp
+            vs = _options(fixed, "virtual_stages", range(2, len(blocks) // pp + 1))
+            return [(v, _interleaved_owner_cached(n, tuple(blocks), pp, v)) for v in vs]
+        return [(1, uniform)]
+
+    first = ctx.offload_modes[0]  # "none" unless the user pinned an offload mode
+    modes = (first,) if phase == "plain" else ctx.offload_modes
+    reliefs = () if phase == "plain" else ctx.reliefs
     for recompute in _options(fixed, "recompute", RECOMPUTE):
-        for zero_class in (0, 3):
-            tries = [z for z in zeros if (z == 3) == (zero_class == 3)]
-            if not tries:
-                continue
-            vecs = [(z, _vectors(ctx, base, shape.dp, recompute, z)) for z in tries]
-            for schedule in schedules:
-                if schedule == "interleaved_1f1b":
-                    if m % pp:
-                        continue  # Megatron's interleaved schedule needs M divisible by pp
-                    vs = _options(fixed, "virtual_stages", range(2, len(blocks) // pp + 1))
-                    layouts = [(v, _interleaved_owner_cached(n, tuple(blocks), pp, v)) for v in vs]
-                else:
-                    layouts = [(1, uniform)]
-                for v, owner in layouts:
-                    if owner is None:
-                        continue
-                    for zero, vec in vecs:
-                        priced = _evaluate(
-                            ctx, shape, vec, owner=owner, microbatches=m, schedule=schedule,
-                            virtual=v, zero=zero, recompute=recompute,
-                            sequence_parallel=sequence_parallel, variant=variant, costs=costs,
-                            need=need,
-                        )  # fmt: skip
-                        if priced is not None:
-                            keep(priced)
-                            break
-                if schedule != "interleaved_1f1b" and pp > 1:
-                    lat = vecs[0][1].lat
-                    total = float(lat.sum())
-                    lb = total + (m - 1) * max(total / pp, float(lat.max()))
-                    last = vecs[-1][1]
-                    mem_lb = float((last.weights + last.grads + last.optimizer).sum()) / pp
-                    if mem_lb > ctx.capacity_bytes:
-                        need.append(mem_lb)
-                        continue
-                    jobs.append(
-                        DPJob(
-                            lower_bound_s=lb,
-                            shape=shape,
-                            vectors=vecs,
-                            microbatches=m,
-                            schedule=schedule,
-                            recompute=recompute,
-                            sequence_parallel=sequence_parallel,
-                            variant=variant,
-                            costs=costs,
-                        )  # fmt: skip
-                    )
+        fits_any = False
+        for offload in modes:
+            usable = [z for z in zeros if z == 0] or zeros[:1] if shape.dp == 1 else zeros
+            if offload == "full":
+                usable = [z for z in zeros if z == 3]  # FSDP's CPU offload shards the weights
+            for zero_class in (0, 3):
+                tries = [z for z in usable if (z == 3) == (zero_class == 3)]
+                if not tries:
+                    continue
+                vecs = [(z, _vectors(ctx, base, shape.dp, recompute, z, offload, m)) for z in tries]
+                fits = False
+                for schedule in schedules:
+                    for v, owner in layouts_of(schedule):
+                        if owner is None:
+                            continue
+                        if (phase == "relief" or offload != first) and _pipeline_s(
+                            vecs[0][1], owner, pp, m, v
+                        ) >= bound():
+                            continue  # relief and offload only add time: cannot reach the best
+                        for relief in ("none", *reliefs):
+                            if relief != "none" and recompute == "full":
+                                break
+                            if phase == "relief" and (offload, relief) == (first, "none"):
+                                continue  # priced in the plain pass
+                            done = False
+                            for zero, vec in vecs:
+                                priced = _evaluate(
+                                    ctx, shape, vec, owner=owner, microbatches=m,
+                                    schedule=schedule, virtual=v, zero=zero,
+                                    recompute=recompute, sequence_parallel=sequence_parallel,
+                                    variant=variant, costs=costs, need=need, offload=offload,
+                                    relief=relief,
+                                    bound=bound() if (relief, offload) != ("none", "none")
+                                    else math.inf,
+                                )  # fmt: skip
+                                if priced is not None:
+                                    keep(priced)
+                                    done = fits = True
+                                    break
+                            if done and relief == "none":
+                                break  # it fits as it is: relief could only slow it down
+                    if (
+                        schedule != "interleaved_1f1b"
+                        and pp > 1
+                        and not (phase == "relief" and offload == first)
+                    ):
+                        lat = vecs[0][1].lat
+                        total = float(lat.sum())
+                        lb = total + (m - 1) * max(total / pp, float(lat.max()))
+                        last = vecs[-1][1]
+                        mem_lb = float((last.weights + last.grads + last.optimizer).sum()) / pp
+                        if mem_lb > ctx.capacity_bytes:
+                            need.append(mem_lb)
+                            continue
+                        jobs.append(
+                            DPJob(
+                                lower_bound_s=lb,
+                                shape=shape,
+                                vectors=vecs,
+                                microbatches=m,
+                                schedule=schedule,
+                                recompute=recompute,
+                                sequence_parallel=sequence_parallel,
+                                variant=variant,
+                                costs=costs,
+                                context=ctx,
+                                offload=offload,
+                            )  # fmt: skip
+                        )
+                fits_any = fits_any or fits
+            if fits_any and offload == "none" and phase == "all":
+                break  # this recompute fits without offloading model state: offload only slows
     return jobs
 
 
-def run_dp(
-    ctx: PricingContext, job: DPJob, keep: Callable[[Priced], None], need: list[float]
-) -> int:
+def run_dp(job: DPJob, keep: Callable[[Priced], None], need: list[float]) -> int:
     """Price the pipeline DP's unequal split of a job; returns the DP runs made."""
+    ctx = job.context
     runs = 0
     for zero, vec in job.vectors:
         runs += 1
@@ -565,7 +893,7 @@ def run_dp(
             ctx, job.shape, vec, owner=owner, microbatches=job.microbatches,
             schedule=job.schedule, virtual=1, zero=zero, recompute=job.recompute,
             sequence_parallel=job.sequence_parallel, variant=job.variant, costs=job.costs,
-            need=need,
+            need=need, offload=job.offload,
         )  # fmt: skip
         if priced is not None:
             keep(priced)
@@ -579,15 +907,26 @@ def stage_details(ctx: PricingContext, p: Priced) -> tuple[list, list, list]:
     from autopar.plan import StageCost
 
     shape = p.shape
-    vec = _vectors(ctx, _base(ctx, shape, p.costs), shape.dp, p.recompute, p.zero)
+    vec = _vectors(
+        ctx, _base(ctx, shape, p.costs), shape.dp, p.recompute, p.zero, p.offload, p.microbatches
+    )
     owner = np.asarray(p.stages)
     pp = shape.pp
     # forward: compute and tp comm, plus what ZeRO-3's prefetch of the weights does not hide
     fwd_part = np.fromiter((c.fwd_s + c.tp_fwd_s for c in p.costs), float, len(p.costs))
-    if p.zero == 3 and shape.dp > 1:
+    if p.zero == 3 and (shape.dp > 1 or p.offload == "full"):
         gather = np.fromiter((c.zero3_gather_s for c in p.costs), float, len(p.costs))
+        if p.offload == "full" and ctx.host is not None:  # the shard crosses PCIe first
+            gather = gather + vec.params * ctx.dtype_bytes / shape.dp / ctx.host.h2d_bytes_per_s
         fwd_part = fwd_part + np.maximum(0.0, gather - fwd_part)
     bwd_part = vec.lat - fwd_part
+    # per-stage relief, where the pricer put it
+    rec = list(p.recompute_layers)
+    bwd_part[rec] += vec.to_full[rec]
+    if p.offload_layers and ctx.host is not None:
+        off = list(p.offload_layers)
+        fwd_part[off] += vec.saved[off] / ctx.host.d2h_bytes_per_s
+        bwd_part[off] += vec.saved[off] / ctx.host.h2d_bytes_per_s
     stages = []
     for _, members in plan_stage_layers(owner, pp=pp, v=p.virtual_stages):
         last = int(members[-1])
@@ -599,30 +938,21 @@ def stage_details(ctx: PricingContext, p: Priced) -> tuple[list, list, list]:
                 send_s=float(vec.p2p[last] / 2.0) if boundary else 0.0,
             )
         )
-    flight = _inflight(p.schedule, pp, p.microbatches, p.virtual_stages)
-    w = np.bincount(owner, vec.weights, pp)
-    g = np.bincount(owner, vec.grads, pp)
-    o = np.bincount(owner, vec.optimizer, pp)
-    a = flight * np.bincount(owner, vec.saved, pp)
-    other = np.zeros(pp)
-    np.maximum.at(other, owner, vec.transient)
+    r = p.ranks
+    assert r is not None, "a priced candidate carries its per-rank arrays"
+    host_cap = float(ctx.host.memory_bytes) if ctx.host is not None else 0.0
     memory = [
         MemoryBreakdown(
-            weights=float(w[r]),
-            grads=float(g[r]),
-            optimizer=float(o[r]),
-            activations=float(a[r]),
-            other=float(other[r]),
+            weights=float(r.weights[i]),
+            grads=float(r.grads[i]),
+            optimizer=float(r.optimizer[i]),
+            activations=float(r.activations[i]),
+            other=float(r.other[i]),
             capacity=float(ctx.capacity_bytes),
+            host=float(r.host[i]),
+            host_capacity=host_cap,
         )  # fmt: skip
-        for r in range(pp)
+        for i in range(pp)
     ]
-    sync = np.bincount(owner, vec.grad_sync, pp)
-    window = np.bincount(owner, vec.bwd_window, pp)
-    exposed = np.maximum(0.0, sync - window) if ctx.overlap_grad_reduce else sync
-    tp_sync = np.bincount(owner, vec.tp_sync, pp)
-    params_dev = np.bincount(owner, vec.params, pp) / (shape.dp if p.zero >= 1 else 1)
-    intercept, slope = ctx.optimizer_line
-    opt = np.where(params_dev > 0, intercept + slope * params_dev, 0.0)
-    tail = [float(x) for x in exposed + tp_sync + opt]
+    tail = [float(x) for x in r.tail]
     return stages, memory, tail

@@ -77,13 +77,16 @@ from autopar.solver.candidates import (
     enumerate_shapes,
     no_shapes_reason,
 )
+from autopar.solver.pipeline import simulate_schedule
 from autopar.solver.pricing import (
     DPJob,
+    HostRates,
     Priced,
     PricingContext,
     plan_stage_layers,
     price_shape,
     run_dp,
+    stage_details,
 )
 
 __all__ = ["search", "FIXED_KEYS", "SCHEDULES", "RECOMPUTE", "ZERO_STAGES"]
@@ -430,6 +433,96 @@ def search(
         raise _with_verified_suggestions(e, model, cluster, config, fixed) from None
 
 
+SIMULATED = 24
+"""Best candidates (by the closed form) whose pipeline schedule is simulated op by op."""
+
+
+def _simulate_best(pctx: PricingContext, ranked: list[Priced], top_k: int) -> list[Priced]:
+    """Re-price the best candidates by simulating their schedule, and re-rank.
+
+    The closed form (``pricing``) is exact for equal stages; with unequal ones (interleaved
+    chunks of 1 and 2 blocks, a first stage that recomputes more) ranks stall inside the
+    schedule and only the op-by-op simulation (``pipeline.simulate_schedule``) sees it. The
+    difference is the pipeline bubble's, so the breakdown still adds up to the step.
+    """
+    n = min(len(ranked), max(SIMULATED, 4 * top_k))
+    head = [_simulated(pctx, p) for p in ranked[:n]]
+    return sorted(head, key=lambda p: p.step_s) + ranked[n:]
+
+
+def _simulated(pctx: PricingContext, p: Priced) -> Priced:
+    if p.shape.pp == 1:
+        return p
+    stages, _, tails = stage_details(pctx, p)
+    tl = simulate_schedule(
+        schedule=p.schedule, num_ranks=p.shape.pp, virtual_stages=p.virtual_stages,
+        microbatches=p.microbatches, fwd_s=[s.fwd_s for s in stages],
+        bwd_s=[s.bwd_s for s in stages], send_s=[s.send_s for s in stages], tail_s=tails,
+        overlap_p2p=False,
+    )  # fmt: skip
+    extra = tl.makespan_s - p.step_s
+    bubble = max(0.0, p.breakdown.pp_bubble + extra)
+    return replace(p, step_s=tl.makespan_s, breakdown=replace(p.breakdown, pp_bubble=bubble))
+
+
+def _unrelieved(p: Priced) -> bool:
+    """True when a candidate fits with no memory relief at all (so a leaner layout is moot)."""
+    return (
+        p.recompute == "none"
+        and p.zero != 3
+        and p.offload == "none"
+        and not p.recompute_layers
+        and not p.offload_layers
+    )
+
+
+def _host_rates(cluster: Any, config: TrainingConfig) -> HostRates | None:
+    """Each device's share of its host's memory, CPU and NVMe, and its copy rates; None when
+    offload is off, or is ``auto`` and the topology names no host profile.
+
+    The CPU step is priced at the fused CPU Adam rate: ``ParallelModel.make_optimizer`` asks
+    PyTorch's Adam / AdamW for their fused CPU kernel when the plan offloads.
+    """
+    if config.offload == "none":
+        return None
+    try:
+        prof = cluster.host_profile
+    except (ConfigError, AttributeError) as e:
+        if config.offload == "auto":
+            return None
+        raise ConfigError(
+            f"offload={config.offload!r} needs the host's memory and links: {e}",
+            field="offload",
+        ) from None
+    per = max(1, int(cluster.devices_per_host))
+    adam = prof.cpu_adam_params_per_s
+    # every device of a host offloads at once: each gets its share of what the host has
+    return HostRates(
+        memory_bytes=float(prof.memory_bytes) / per,
+        h2d_bytes_per_s=float(prof.h2d_bytes_per_s),
+        d2h_bytes_per_s=float(prof.d2h_bytes_per_s),
+        cpu_adam_params_per_s=float(adam) / per,
+        nvme_bytes=float(prof.nvme_bytes) / per,
+        nvme_bytes_per_s=float(min(prof.nvme_read_bytes_per_s, prof.nvme_write_bytes_per_s)) / per,
+    )
+
+
+def _offload_options(
+    config: TrainingConfig, fixed: dict[str, Any], host: HostRates | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(model-state offload modes, per-stage reliefs) the search tries for this setup."""
+    mode = config.offload
+    if mode == "auto":
+        modes: tuple[str, ...] = ("none", "optimizer", "full") if host is not None else ("none",)
+    else:
+        modes = (mode,)
+    # a pinned recompute mode is what runs: no extra blocks recomputed on top of it
+    reliefs = () if "recompute" in fixed else ("recompute",)
+    if host is not None and mode != "none":
+        reliefs += ("offload",)
+    return modes, reliefs
+
+
 def _search(
     model: Any,
     cluster: Any,
@@ -467,6 +560,8 @@ def _search(
             field="fixed",
         )
     blocks = [i for i, layer in enumerate(model.layers) if layer.kind == "block"]
+    host = _host_rates(cluster, config)
+    offload_modes, reliefs = _offload_options(config, fixed, host)
     pctx = PricingContext(
         global_batch=config.global_batch,
         dtype_bytes=config.dtype_bytes,
@@ -478,6 +573,10 @@ def _search(
         p2p_s=ctx.p2p_s,
         overlap_grad_reduce=config.overlaps_grad_reduce,
         fixed=fixed,
+        optimizer_state_bytes=float(config.optimizer_state_bytes),
+        host=host,
+        offload_modes=offload_modes,
+        reliefs=reliefs,
     )
 
     best: dict[tuple, Priced] = {}
@@ -502,7 +601,11 @@ def _search(
     bar = _Progress(progress, "search")
     jobs: list[DPJob] = []
     mode = config.sequence_parallel_mode
-    done = 0
+    relief_pass = pctx.offload_modes != ("none",) or bool(pctx.reliefs)
+    total = len(shapes) * (2 if relief_pass else 1) + 1
+    priced: list[tuple[Shape, bool, int, PricingContext, tuple]] = []
+    done = searched = 0
+    # first pass: every shape without memory relief or offload (makes the bound tight)
     for i, shape in enumerate(shapes):
         for sp in _sp_options(mode, shape.tp, fixed):
             local: list[Priced] = []
@@ -515,11 +618,7 @@ def _search(
                 if variant > 0:
                     # the lean choice only matters where the time-optimal one needed memory
                     # relief (recompute, ZeRO-3) or did not fit at all
-                    if (
-                        local
-                        and min(local, key=lambda p: p.step_s).recompute == "none"
-                        and min(local, key=lambda p: p.step_s).zero != 3
-                    ):
+                    if local and _unrelieved(min(local, key=lambda p: p.step_s)):
                         break
                     if shape.tp == 1 or not ctx.distinct_variant(shape.tp, sp):
                         break
@@ -531,15 +630,31 @@ def _search(
                 if tied > 0:
                     pctx_shape = replace(pctx, optimizer_line=(pctx.optimizer_line[0] + tied,
                                                                pctx.optimizer_line[1]))  # fmt: skip
+                priced.append((shape, sp, variant, pctx_shape, costs))
                 jobs += price_shape(
                     pctx_shape, shape, costs, sequence_parallel=sp, variant=variant,
-                    keep=keep_here, need=need,
+                    keep=keep_here, need=need, bound=bound, phase="plain",
                 )  # fmt: skip
-        done = i + 1
-        bar.tick(done, len(shapes) + 1, min(ranked) if ranked else math.inf)
+        done = searched = i + 1
+        bar.tick(done, total, min(ranked) if ranked else math.inf)
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
             ctx.stats["stopped_early"] = True
             break
+    # second pass: per-stage recompute, activation and model-state offload, pruned by the bound
+    if relief_pass and not ctx.stats.get("stopped_early"):
+        last_shape = None
+        for shape, sp, variant, pctx_shape, costs in priced:
+            jobs += price_shape(
+                pctx_shape, shape, costs, sequence_parallel=sp, variant=variant, keep=keep,
+                need=need, bound=bound, phase="relief",
+            )  # fmt: skip
+            if shape != last_shape:
+                done += 1
+                last_shape = shape
+                bar.tick(done, total, min(ranked) if ranked else math.inf)
+            if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+                ctx.stats["stopped_early"] = True
+                break
     # pipeline DP for unequal stages, best lower bound first, while it can reach the top k
     jobs.sort(key=lambda j: j.lower_bound_s)
     for job in jobs:
@@ -548,8 +663,8 @@ def _search(
         if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
             ctx.stats["stopped_early"] = True
             break
-        ctx.count("dp_runs", run_dp(pctx, job, keep, need))
-    bar.tick(len(shapes) + 1, len(shapes) + 1, min(ranked) if ranked else math.inf)
+        ctx.count("dp_runs", run_dp(job, keep, need))
+    bar.tick(total, total, min(ranked) if ranked else math.inf)
 
     if not best and not need:
         raise ConfigError(
@@ -558,16 +673,26 @@ def _search(
             field="fixed",
         )
     if not best:
+        if not need and pctx.host_short and pctx.host is not None:
+            raise InfeasibleError(
+                f"{model.name} ({model.param_count / 1e9:.2f}B parameters) does not fit on "
+                f"{cluster.num_devices} x {cluster.device.name} with batch "
+                f"{config.global_batch} in any layout searched",
+                needed_bytes=min(pctx.host_short),
+                available_bytes=float(pctx.host.memory_bytes),
+                memory="host",
+            )
         raise _infeasible(model, cluster, config, need, capacity)
 
-    candidates = sorted(best.values(), key=lambda p: p.step_s)
+    candidates = _simulate_best(pctx, sorted(best.values(), key=lambda p: p.step_s), top_k)
+    ctx.stats["simulated"] = min(len(candidates), max(SIMULATED, 4 * top_k))
     winner = candidates[0]
     elapsed = time.perf_counter() - t_start
     lower = _lower_bound_s(model, cluster, config)
     stats: dict[str, Any] = {
         "time_s": round(elapsed, 3),
         "shapes": len(shapes),
-        "shapes_searched": done,
+        "shapes_searched": searched,
         "candidates_priced": len(best),
         "memory_infeasible": len(need),
         "pricing": "graph",
@@ -579,9 +704,10 @@ def _search(
         stats["lower_bound_s"] = lower
         stats["gap"] = max(0.0, (winner.step_s - lower) / winner.step_s)
         print(
-            f"autopar: warning: the search stopped at its time limit after {done} of "
-            f"{len(shapes)} shapes; the plan may be up to {stats['gap']:.0%} slower than the "
-            f"best possible (lower bound {lower:.3f} s/step)",
+            f"autopar: warning: the search stopped at its time limit after {searched} of "
+            f"{len(shapes)} shapes; no plan can take less than {lower:.3f} s/step against "
+            f"this plan's {winner.step_s:.3f} s (a better plan is at most "
+            f"{winner.step_s / max(lower, 1e-30):.2f}x faster)",
             file=sys.stderr,
         )
     else:
@@ -716,6 +842,10 @@ def _with_verified_suggestions(
             tries.append((f"unpin {key}={fixed[key]} so the search can split the model further",
                           {k: v for k, v in fixed.items() if k != key}))  # fmt: skip
     verified = [text for text, pins in tries if _feasible(model, cluster, config, _lean(pins))]
+    if config.offload == "none" and getattr(cluster, "has_host_profile", False):
+        offloading = replace(config, offload="auto")
+        if _feasible(model, cluster, offloading, _lean(fixed)):
+            verified.append("allow offload to host memory (--offload auto)")
     pins = {k: v for k, v in fixed.items() if k in ("tp", "pp")}
     hosts = _more_hosts(error, model, cluster, config, pins)
     if hosts is not None:
@@ -730,15 +860,21 @@ def _with_verified_suggestions(
                 f"({hosts * cluster.devices_per_host} devices; checked to fit)"
             )
     if not verified:
+        more = (
+            "hosts with more memory or NVMe"
+            if error.memory == "host"
+            else "devices with more memory"
+        )
         verified.append(
             "no single change checked here makes it fit: a smaller model, a shorter sequence or "
-            "devices with more memory"
+            + more
         )
     return InfeasibleError(
         error.message,
         needed_bytes=error.needed_bytes,
         available_bytes=error.available_bytes,
         suggestions=verified,
+        memory=error.memory,
     )
 
 
@@ -789,6 +925,19 @@ def _prediction(ctx: _Context, p: Priced) -> Prediction:
     )
 
 
+def _topology_path(cluster: Any) -> str | None:
+    """The topology file when it is not a shipped one (shipped ones are found by name)."""
+    from pathlib import Path
+
+    from autopar.topology.load import TOPOLOGY_DIR
+
+    source = getattr(cluster, "file", "")
+    if not source:
+        return None
+    path = Path(source).resolve()
+    return None if path.parent == Path(TOPOLOGY_DIR).resolve() else str(path)
+
+
 def _alternative(p: Priced) -> Alternative:
     return Alternative(
         parallel=p.parallel,
@@ -802,6 +951,9 @@ def _alternative(p: Priced) -> Alternative:
         sequence_parallel=p.sequence_parallel,
         virtual_stages=p.virtual_stages,
         breakdown=p.breakdown,
+        offload=p.offload,
+        recompute_blocks=len(p.recompute_layers),
+        offload_blocks=len(p.offload_layers),
     )
 
 
@@ -815,7 +967,6 @@ def _build_plan(
     model_spec: str | None,
     pctx: PricingContext,
 ) -> Plan:
-    from autopar.solver.pricing import stage_details
 
     model = ctx.model
     shape = win.shape
@@ -881,7 +1032,7 @@ def _build_plan(
         cluster=str(cluster.name),
         cluster_info=ClusterInfo(
             name=str(cluster.name),
-            path=getattr(cluster, "source_path", None),
+            path=_topology_path(cluster),
             nodes=int(cluster.num_hosts),
             devices_per_host=int(cluster.devices_per_host),
             device=str(cluster.device.name),
@@ -910,6 +1061,10 @@ def _build_plan(
         virtual_stages=win.virtual_stages,
         zero_stage=win.zero,
         recompute=win.recompute,
+        recompute_layers=tuple(model.layers[i].name for i in win.recompute_layers),
+        offload=win.offload,
+        offload_device=win.offload_device if win.offload != "none" else "cpu",
+        activation_offload_layers=tuple(model.layers[i].name for i in win.offload_layers),
         sequence_parallel=win.sequence_parallel,
         placements=placements,
         layouts=layouts,

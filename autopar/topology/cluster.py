@@ -24,6 +24,13 @@ A calibration profile, when present, replaces the datasheet x achieved-fraction 
 with the measured one. Analyses are cached per group signature on the Cluster instance (a pure
 function of the frozen cluster and the group).
 
+Each host group may name a **host profile** (``cost_models/host-*.yaml``, read by
+:func:`autopar.topology.load.load_host_profile`): CPU memory, the host<->device copy rate per device
+when every device of the host copies at once (the PCIe path: device slot, shared switch uplink,
+root complex), CPU Adam throughput and NVMe bandwidth and capacity. ``Cluster.host_profile``
+returns it; host groups with different profiles are reduced to their field-wise slowest
+(``HostProfile.slowest``).
+
 The Cluster is data: it never prices work. Collective and compute prices are asked of
 :mod:`autopar.cost` (``autopar.cost.describe.describe_cluster`` prints both for a cluster).
 """
@@ -37,7 +44,7 @@ from typing import TYPE_CHECKING, Literal
 
 import networkx as nx
 
-from autopar.cost.profiles import CalibrationProfile, DeviceProfile, LinkProfile
+from autopar.cost.profiles import CalibrationProfile, DeviceProfile, LinkProfile, list_profiles
 from autopar.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -47,6 +54,7 @@ __all__ = [
     "FabricKind",
     "NetworkKind",
     "Fabric",
+    "HostProfile",
     "HostGroup",
     "Host",
     "Network",
@@ -159,6 +167,88 @@ class Fabric:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HostProfile:
+    """What one host offers its devices besides their own memory, in SI units (achieved figures).
+
+    Read from a ``kind: host`` profile by :func:`autopar.topology.load.load_host_profile`, which
+    also works out the per-device copy rates from the host's PCIe tree. Every figure is per host
+    except the two copy rates, which are per device *when all devices of the host copy at once*.
+    """
+
+    name: str
+    """Profile name (the file stem), e.g. ``"host-dgx-a100"``."""
+    memory_bytes: float
+    """CPU memory per host."""
+    h2d_bytes_per_s: float
+    """Host->device, per device, when all devices of the host copy at once (achieved)."""
+    d2h_bytes_per_s: float
+    """Device->host, same convention."""
+    cpu_adam_params_per_s: float
+    """Fused CPU Adam (DeepSpeed ``cpu_adam``-style), parameters updated per second, whole host."""
+    nvme_read_bytes_per_s: float
+    """Per host, all drives together (0 if the host has none)."""
+    nvme_write_bytes_per_s: float
+    nvme_bytes: float
+    """NVMe capacity per host (0 if none)."""
+    source: str = ""
+    torch_adam_params_per_s: float | None = None
+    """Plain PyTorch Adam on CPU (``foreach``, several passes over memory), parameters per second
+    for the whole host; ``None`` when the profile does not state it (never priced as zero)."""
+    copy_path: str = ""
+    """Human-readable PCIe path and what limits the per-device copy rate."""
+
+    @staticmethod
+    def slowest(profiles: tuple[HostProfile, ...]) -> HostProfile:
+        """The field-wise minimum of ``profiles``: every figure is a per-host capacity or rate,
+        a plan must fit the smallest host and a synchronous step waits for the slowest one."""
+        if len(profiles) == 1:
+            return profiles[0]
+        torch_rates = [p.torch_adam_params_per_s for p in profiles]
+        return HostProfile(
+            name="slowest of " + ", ".join(p.name for p in profiles),
+            memory_bytes=min(p.memory_bytes for p in profiles),
+            h2d_bytes_per_s=min(p.h2d_bytes_per_s for p in profiles),
+            d2h_bytes_per_s=min(p.d2h_bytes_per_s for p in profiles),
+            cpu_adam_params_per_s=min(p.cpu_adam_params_per_s for p in profiles),
+            nvme_read_bytes_per_s=min(p.nvme_read_bytes_per_s for p in profiles),
+            nvme_write_bytes_per_s=min(p.nvme_write_bytes_per_s for p in profiles),
+            nvme_bytes=min(p.nvme_bytes for p in profiles),
+            source=" + ".join(p.source for p in profiles),
+            torch_adam_params_per_s=None
+            if any(r is None for r in torch_rates)
+            else min(r for r in torch_rates if r is not None),
+            copy_path="; ".join(f"{p.name}: {p.copy_path}" for p in profiles),
+        )
+
+    def describe(self) -> str:
+        """One line per figure, as loaded (nothing priced)."""
+        GB = 1e9
+        torch_rate = (
+            f"{self.torch_adam_params_per_s / 1e9:.3g}"
+            if self.torch_adam_params_per_s is not None
+            else "not stated"
+        )
+        nvme = (
+            f"{self.nvme_bytes / 1e12:g} TB, read {self.nvme_read_bytes_per_s / GB:.3g} GB/s, "
+            f"write {self.nvme_write_bytes_per_s / GB:.3g} GB/s per host"
+            if self.nvme_bytes
+            else "none"
+        )
+        return "\n".join(
+            [
+                f"  host {self.name}: {self.memory_bytes / GiB:g} GiB CPU memory per host"
+                + (f"  ({self.source})" if self.source else ""),
+                f"    host<->device per device, all devices copying: h2d "
+                f"{self.h2d_bytes_per_s / GB:.3g} GB/s, d2h {self.d2h_bytes_per_s / GB:.3g} GB/s"
+                + (f" ({self.copy_path})" if self.copy_path else ""),
+                f"    CPU Adam per host: fused {self.cpu_adam_params_per_s / 1e9:.3g} G params/s, "
+                f"PyTorch {torch_rate} G params/s",
+                f"    NVMe: {nvme}",
+            ]
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HostGroup:
     """Hosts that are built alike: device kind, fabric and NICs."""
 
@@ -170,6 +260,9 @@ class HostGroup:
     nic: LinkProfile
     fraction: float = 1.0
     """Share of the cluster's hosts in this group when the host count is scaled."""
+    host: HostProfile | None = None
+    """CPU memory, host<->device copies, CPU Adam and NVMe of these hosts (``None``: not stated,
+    nothing that needs them can be priced)."""
 
     @property
     def nic_bandwidth_per_device_bytes_per_s(self) -> float:
@@ -322,6 +415,38 @@ class Cluster:
         for h in self.hosts:
             seen.setdefault(h.group.name, h.group)
         return tuple(seen.values())
+
+    @property
+    def has_host_profile(self) -> bool:
+        """True when every host group names a host profile (see :attr:`host_profile`)."""
+        return all(g.host is not None for g in self.host_groups)
+
+    @property
+    def host_profile(self) -> HostProfile:
+        """The hosts' CPU memory, copy rates, CPU Adam and NVMe (:class:`HostProfile`).
+
+        One host profile for every group is returned as is; groups with different profiles
+        give their field-wise slowest (:meth:`HostProfile.slowest`): a plan must fit the
+        smallest host and a synchronous step waits for the slowest. A group without a profile
+        is an error naming the file and field (an unknown host is never priced as free).
+        """
+        hit = self._cache.get("host")
+        if hit is not None:
+            return hit
+        groups = self.host_groups
+        for i, g in enumerate(groups):
+            if g.host is None:
+                raise ConfigError(
+                    f"host group '{g.name}' names no host profile: CPU memory, host<->device "
+                    "bandwidth, CPU Adam and NVMe are unknown",
+                    file=self.file or None,
+                    field=f"host_groups[{i}].host",
+                    allowed=list_profiles("host"),
+                )
+        unique = tuple(dict.fromkeys(g.host for g in groups if g.host is not None))
+        prof = HostProfile.slowest(unique)
+        self._cache["host"] = prof
+        return prof
 
     def host_of(self, rank: int) -> int:
         """Index of the host that owns global ``rank``."""
@@ -578,8 +703,11 @@ class Cluster:
                 f"  host group '{hg.name}': {count} hosts (h{idx[0]}..h{idx[-1]}); fabric: "
                 f"{hg.fabric.describe()}; NICs: {hg.nic_count}x {hg.nic.name} "
                 f"({hg.nic.bandwidth_bytes_per_s / 1e9:g} GB/s each, achieved "
-                f"{hg.nic_bandwidth_per_device_bytes_per_s / 1e9:.1f} GB/s per device)"
+                f"{hg.nic_bandwidth_per_device_bytes_per_s / 1e9:.1f} GB/s per device); "
+                f"host: {hg.host.name if hg.host is not None else 'not stated'}"
             )
+        if self.has_host_profile:
+            lines.append(self.host_profile.describe())
         lines.append(f"  network: {self.network.describe()}")
         if self.between_groups is not None:
             bg = self.between_groups

@@ -18,6 +18,9 @@ File format (every key is required unless marked optional; units are in the key 
           # pcie_tree only: devices_per_switch, uplink (link profile), p2p, root_bandwidth_GBps
           # nvlink_pairs only: pcie: {a pcie_tree fabric for the traffic between pairs}
         nics: {count: 8, link: ib-hdr-200}
+        host: host-dgx-a100               # optional, cost_models/<name>.yaml, kind: host (CPU
+                                          # memory, PCIe to the devices, CPU Adam, NVMe); every
+                                          # group names one or none does
         compute_calibration: compute-dgx   # optional, cost_models/<name>.yaml, kind:
                                            # compute_calibration, fitted for this device
     network:
@@ -30,16 +33,52 @@ File format (every key is required unless marked optional; units are in the key 
 
 Profiles are looked up in the ``cost_models`` directory beside the file's ``topologies``
 directory first, then in the repository's ``cost_models``.
+
+Host profile format (``kind: host``, read by :func:`load_host_profile`; datasheet figures first,
+measured corrections under ``achieved:``)::
+
+    kind: host
+    model: NVIDIA DGX A100 (640 GB)
+    devices: 8                            # device slots; a topology may use fewer, never more
+    memory_GiB: 2048                      # CPU memory per host
+    pcie:                                 # host <-> device path of each device
+      device_link: pcie4-x16              # link profile of a device's slot
+      uplink: pcie4-x16                   # optional: the PCIe switch's uplink to the CPU ...
+      devices_per_switch: 2               # ... and the devices sharing it (with uplink only)
+      root_bandwidth_GBps: 126            # optional: host bridge capacity per direction
+    cpu:
+      model: 2x AMD EPYC 7742
+      memory_bandwidth_GBps: 409.6        # datasheet: channels x transfer rate x 8 bytes
+    nvme:
+      drives: 8                           # 0 = none (then no other key)
+      drive_read_GBps: 6.4
+      drive_write_GBps: 3.8
+      drive_capacity_TB: 3.84
+    achieved:
+      fused_adam_memory_fraction: 0.2     # of memory bandwidth / ADAM_BYTES_PER_PARAM
+      torch_adam_memory_fraction: 0.03
+      nvme_read_fraction: 0.77            # with drives only
+      nvme_write_fraction: 0.77
+
+The per-device copy rate assumes every device the topology places on the host copies at once:
+the slowest of the device's slot, its switch uplink shared by the devices under that switch (in
+order: device i sits under switch i // devices_per_switch) and the root complex shared by all.
+A host group whose fabric is a PCIe tree must describe the same tree as its host profile.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from autopar.cost.profiles import (
+    PROFILE_DIR,
     REPO_ROOT,
+    LinkProfile,
     YamlSection,
     apply_compute_calibration,
+    find_profile,
     load_calibration_profile,
     load_compute_calibration,
     load_device_profile,
@@ -47,11 +86,21 @@ from autopar.cost.profiles import (
     read_yaml,
 )
 from autopar.errors import ConfigError
-from autopar.topology.cluster import Cluster, Fabric, GroupLink, Host, HostGroup, Network
+from autopar.topology.cluster import (
+    Cluster,
+    Fabric,
+    GroupLink,
+    Host,
+    HostGroup,
+    HostProfile,
+    Network,
+)
 
 __all__ = [
     "TOPOLOGY_DIR",
+    "ADAM_BYTES_PER_PARAM",
     "load_cluster",
+    "load_host_profile",
     "list_topologies",
     "shipped_topologies",
     "valid_node_counts",
@@ -60,6 +109,12 @@ __all__ = [
 TOPOLOGY_DIR = REPO_ROOT / "topologies"
 FABRIC_KINDS = ("nvswitch", "nvlink_pairs", "pcie_tree")
 NETWORK_KINDS = ("fat_tree", "rail_optimized", "single_switch")
+GiB = 1024**3
+#: CPU memory traffic of one mixed-precision Adam step, bytes per parameter: read the fp32 master
+#: weight, fp32 gradient, momentum and variance (16), write weight, momentum and variance (12)
+#: and the 16-bit weight copied back to the device (2). Host files give the achieved fraction of
+#: ``memory bandwidth / ADAM_BYTES_PER_PARAM`` that a fused and a PyTorch CPU Adam reach.
+ADAM_BYTES_PER_PARAM = 30
 
 
 def list_topologies() -> list[str]:
@@ -117,6 +172,13 @@ def load_cluster(
             "host_groups", f"at most two host groups are supported, got {len(groups_doc)}"
         )
     groups = [_host_group(g, dirs, len(groups_doc), compute_calibration) for g in groups_doc]
+    named = [g.host is not None for g in groups]
+    if any(named) and not all(named):
+        raise doc.error(
+            "host_groups",
+            "either every host group names a host profile (host:) or none does; missing in "
+            f"{[g.name for g in groups if g.host is None]}",
+        )
     if abs(sum(g.fraction for g in groups) - 1.0) > 1e-9:
         raise doc.error(
             "host_groups", f"fractions must sum to 1, got {[g.fraction for g in groups]}"
@@ -243,6 +305,13 @@ def _host_group(
         nics.string("link"), search_dirs=dirs, file=nics.file, field=nics.field("link")
     )
     nics.finish()
+    host = None
+    if g.raw("host", None) is not None:
+        host_pcie = _read_host(
+            g.string("host"), dirs, file=g.file, field=g.field("host"), devices_in_use=dph
+        )
+        _check_host_matches_fabric(host_pcie, fabric, dph, file=g.file, field=g.field("host"))
+        host = host_pcie.profile
     g.finish()
     return HostGroup(
         name=name,
@@ -252,6 +321,7 @@ def _host_group(
         nic_count=nic_count,
         nic=nic,
         fraction=fraction,
+        host=host,
     )
 
 
@@ -281,3 +351,187 @@ def _fabric(f: YamlSection, dirs: tuple[Path, ...], *, top: bool) -> Fabric:
     )
     f.finish()
     return fab
+
+
+# --------------------------------------------------------------------------------------------
+# host profiles (kind: host)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _HostPcie:
+    """A loaded host profile with the PCIe tree it was derived from (for the fabric check)."""
+
+    profile: HostProfile
+    devices: int
+    device_link: LinkProfile
+    uplink: LinkProfile | None
+    devices_per_switch: int
+    root_bandwidth_bytes_per_s: float
+
+
+def load_host_profile(
+    name: str,
+    *,
+    search_dirs: tuple[Path, ...] = (PROFILE_DIR,),
+    file: str = "",
+    field: str = "",
+    devices_in_use: int | None = None,
+) -> HostProfile:
+    """Read ``cost_models/<name>.yaml`` (kind: host) into a :class:`HostProfile` (SI units).
+
+    ``devices_in_use`` is how many of the host's device slots copy at once (default: all of
+    them); the per-device copy rates are worked out for that many (see the module docstring).
+    """
+    return _read_host(
+        name, search_dirs, file=file, field=field, devices_in_use=devices_in_use
+    ).profile
+
+
+def _read_host(
+    name: str,
+    search_dirs: tuple[Path, ...],
+    *,
+    file: str,
+    field: str,
+    devices_in_use: int | None,
+) -> _HostPcie:
+    path = find_profile(name, "host", search_dirs=search_dirs, file=file, field=field)
+    doc = read_yaml(path)
+    doc.choice("kind", ("host",))
+    model = doc.string("model")
+    devices = doc.integer("devices")
+    k = devices if devices_in_use is None else devices_in_use
+    if k > devices:
+        raise ConfigError(
+            f"host profile {path.stem!r} has {devices} device slots, the topology puts {k} "
+            "devices on the host",
+            file=file or str(path),
+            field=field or "devices",
+            allowed=(f"devices_per_host <= {devices}",),
+        )
+    memory = doc.number("memory_GiB", strict=True) * GiB
+
+    pcie = doc.section("pcie")
+    dev_link = load_link_profile(
+        pcie.string("device_link"), search_dirs=search_dirs, file=pcie.file,
+        field=pcie.field("device_link"),
+    )  # fmt: skip
+    uplink = None
+    per_switch = 0
+    if pcie.raw("uplink", None) is not None:
+        uplink = load_link_profile(
+            pcie.string("uplink"), search_dirs=search_dirs, file=pcie.file,
+            field=pcie.field("uplink"),
+        )  # fmt: skip
+        per_switch = pcie.integer("devices_per_switch")
+        if per_switch > devices:
+            raise pcie.error(
+                "devices_per_switch", f"must be <= devices ({devices}), got {per_switch}"
+            )
+    elif pcie.has("devices_per_switch"):
+        raise pcie.error("devices_per_switch", "only allowed with an uplink (a PCIe switch)")
+    root = pcie.number("root_bandwidth_GBps", math.inf, strict=True) * 1e9
+    pcie.finish()
+
+    cpu = doc.section("cpu")
+    cpu.string("model")
+    cpu_bw = cpu.number("memory_bandwidth_GBps", strict=True) * 1e9
+    cpu.finish()
+
+    nvme = doc.section("nvme")
+    drives = nvme.integer("drives", minimum=0)
+    read = write = capacity = 0.0
+    if drives:
+        read = drives * nvme.number("drive_read_GBps", strict=True) * 1e9
+        write = drives * nvme.number("drive_write_GBps", strict=True) * 1e9
+        capacity = drives * nvme.number("drive_capacity_TB", strict=True) * 1e12
+    nvme.finish()
+
+    ach = doc.section("achieved")
+    fused = ach.number("fused_adam_memory_fraction", strict=True, maximum=1.0)
+    torch_frac = ach.number("torch_adam_memory_fraction", strict=True, maximum=1.0)
+    if drives:
+        read *= ach.number("nvme_read_fraction", strict=True, maximum=1.0)
+        write *= ach.number("nvme_write_fraction", strict=True, maximum=1.0)
+    ach.finish()
+    doc.finish()
+
+    rate, path_text = _copy_rate(k, dev_link, uplink, per_switch, root)
+    adam_rate = cpu_bw / ADAM_BYTES_PER_PARAM
+    profile = HostProfile(
+        name=path.stem,
+        memory_bytes=memory,
+        h2d_bytes_per_s=rate,
+        d2h_bytes_per_s=rate,
+        cpu_adam_params_per_s=adam_rate * fused,
+        nvme_read_bytes_per_s=read,
+        nvme_write_bytes_per_s=write,
+        nvme_bytes=capacity,
+        source=str(path),
+        torch_adam_params_per_s=adam_rate * torch_frac,
+        copy_path=f"{model}: {path_text}",
+    )
+    return _HostPcie(
+        profile=profile,
+        devices=devices,
+        device_link=dev_link,
+        uplink=uplink,
+        devices_per_switch=per_switch,
+        root_bandwidth_bytes_per_s=root,
+    )
+
+
+def _copy_rate(
+    k: int, dev_link: LinkProfile, uplink: LinkProfile | None, per_switch: int, root: float
+) -> tuple[float, str]:
+    """Achieved host<->device bytes/s per device when ``k`` devices copy at once, and why.
+
+    PCIe is full duplex: the same bound holds in each direction. The device slot gives
+    ``dev_link``'s achieved rate; a switch uplink is shared by the devices under it
+    (``min(per_switch, k)`` with devices filled in order); the root complex by all ``k``.
+    """
+    rate = dev_link.effective_bandwidth_bytes_per_s
+    why = f"{dev_link.name} device slot"
+    parts = [f"{dev_link.name} per device"]
+    if uplink is not None:
+        sharing = min(per_switch, k)
+        parts.append(f"{per_switch} devices per switch on one {uplink.name} uplink")
+        up = uplink.effective_bandwidth_bytes_per_s / sharing
+        if up < rate:
+            rate, why = up, f"{uplink.name} switch uplink shared by {sharing} devices"
+    if math.isfinite(root):
+        parts.append(f"root complex {root / 1e9:g} GB/s")
+        share = root * dev_link.bandwidth_fraction / k
+        if share < rate:
+            rate, why = share, f"root complex shared by {k} devices"
+    copying = f"{k} devices copy at once" if k > 1 else "one device copies"
+    return rate, f"{', '.join(parts)}; {copying}, limit: {why}"
+
+
+def _check_host_matches_fabric(
+    host: _HostPcie, fabric: Fabric, dph: int, *, file: str, field: str
+) -> None:
+    """A PCIe-tree fabric and the host profile describe the same PCIe tree: they must agree."""
+    tree = fabric if fabric.kind == "pcie_tree" else fabric.pcie
+    if tree is None:
+        return
+    name = host.profile.name
+    fab_per = tree.devices_per_switch or dph
+    fab_up = tree.uplink.bandwidth_bytes_per_s if tree.uplink is not None else None
+    host_up = host.uplink.bandwidth_bytes_per_s if host.uplink is not None else None
+    checks = [
+        ("device link GB/s", tree.link.bandwidth_bytes_per_s / 1e9,
+         host.device_link.bandwidth_bytes_per_s / 1e9),
+        ("switch uplink GB/s", fab_up and fab_up / 1e9, host_up and host_up / 1e9),
+        ("root complex GB/s", tree.root_bandwidth_bytes_per_s / 1e9,
+         host.root_bandwidth_bytes_per_s / 1e9),
+    ]  # fmt: skip
+    if tree.uplink is not None and host.uplink is not None:
+        checks.append(("devices per switch", fab_per, host.devices_per_switch))
+    for what, fab_value, host_value in checks:
+        if fab_value != host_value:
+            raise ConfigError(
+                f"host profile {name!r} and the host group's PCIe-tree fabric disagree on the "
+                f"{what}: fabric {fab_value}, host profile {host_value}",
+                file=file,
+                field=field,
+            )

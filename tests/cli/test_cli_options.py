@@ -8,14 +8,16 @@ from autopar.cli import build_parser
 
 EXPECTED = {
     "plan": {
-        "model", "--cluster", "--nodes", "--global-batch", "--seq", "--dtype", "--optimizer",
+        "model", "--cluster", "--nodes", "--global-batch", "--seq", "--example-inputs", "--dtype",
+        "--optimizer", "--stack", "--attention", "--sequence-parallel", "--overlap-grad-reduce",
         "--top", "--json", "--time-limit", "--emit", "--dp", "--tp", "--pp", "--microbatches",
-        "--micro-batch-size", "--recompute", "--zero", "--schedule", "--quiet",
+        "--micro-batch-size", "--recompute", "--zero", "--schedule", "--quiet", "--offload",
+        "--report",
     },
-    "explain": {"plan", "--emit"},
+    "explain": {"plan", "--emit", "--report"},
     "models": set(),
-    "calibrate": {"--output", "--max-bytes", "--repeats"},
-    "launch": {"plan", "--dry-run", "script"},
+    "calibrate": {"--output", "--compute", "--device", "--max-bytes", "--repeats"},
+    "launch": {"plan", "--dry-run", "--nnodes", "--nproc-per-node", "--node-rank", "script"},
 }  # fmt: skip
 
 

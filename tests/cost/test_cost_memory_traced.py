@@ -1,7 +1,7 @@
 """Integration: the per-op saving rules on a GPT layer traced by autopar.graph.trace.
 
-The zoo's GPT has no dropout and uses fused scaled-dot-product attention, so Korthikanti's
-34·s·b·h + 5·a·s²·b changes in two known ways: the two dropout masks (2·s·b·h) are gone, the
+Traced without dropout and with fused scaled-dot-product attention, Korthikanti's
+34·s·b·h + 5·a·s²·b changes in known ways: the two dropout masks (2·s·b·h) are gone, the
 5·a·s²·b score/softmax/dropout matrices are gone, and the attention output is kept by the fused
 kernel as well as (after a contiguous copy) by the output projection (+2·s·b·h). What remains is
 34·s·b·h 16-bit-equivalents, scaled by the traced dtype, plus the norms' fp32 statistics.
@@ -20,7 +20,7 @@ def test_traced_gpt_layer_matches_the_adjusted_formula():
     from autopar.models.gpt import gpt
 
     s, h, a = 128, 256, 4
-    graph = trace(gpt(layers=2, hidden=h, heads=a, vocab=512, seq_len=s))
+    graph = trace(gpt(layers=2, hidden=h, heads=a, vocab=512, seq_len=s, dropout=0.0))
     b = graph.batch_size
     block = next(layer for layer in group_layers(graph) if layer.name == "layers.1")
     lg = layer_graph(graph, block)

@@ -115,7 +115,7 @@ def _train_and_compare(model_name: str, plan: Any) -> None:
     reference = copy.deepcopy(model)
     pm = apply_plan(model, plan)
     assert pm.executor.stats.output_corrections == 0, pm.executor.stats.corrected[:5]
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    opt = pm.make_optimizer(torch.optim.AdamW, lr=LR)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR)
     grad_max: dict[str, torch.Tensor] = {}
     for step in range(STEPS):

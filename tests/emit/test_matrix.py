@@ -40,7 +40,7 @@ def _search(model_name: str, fixed: dict, cluster, headroom: float):
 
     config = TrainingConfig(
         global_batch=GLOBAL_BATCH, seq_len=SEQ, dtype="fp32", optimizer="adamw",
-        memory_headroom=headroom,
+        memory_headroom=headroom, offload="none",  # offload cells: tests/emit/test_offload.py
     )  # fmt: skip
     return search(build(model_name, "meta"), cluster, config, fixed=fixed, progress=False)
 

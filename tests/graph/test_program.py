@@ -22,7 +22,7 @@ _FOLDED = {operator.getitem, aten.alias.default, aten.detach.default, getattr}
 
 def _tiny_gpt(device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    return gpt(layers=2, hidden=32, heads=4, vocab=64, seq_len=8, device=device)
+    return gpt(layers=2, hidden=32, heads=4, vocab=64, seq_len=8, dropout=0.0, device=device)
 
 
 def _tiny_llama(device: str = "cpu") -> nn.Module:

@@ -105,7 +105,7 @@ def test_bad_fixed_key_names_the_allowed_ones() -> None:
 
 def test_infeasible_states_need_capacity_and_remedies() -> None:
     cluster = load_cluster("dgx-a100", nodes=1)
-    cfg = TrainingConfig(global_batch=8, seq_len=2048)
+    cfg = TrainingConfig(global_batch=8, seq_len=2048, offload="none")
     with pytest.raises(InfeasibleError) as info:
         search(_gpt(96, 12288, 96), cluster, cfg, progress=False)
     err = info.value
@@ -116,6 +116,8 @@ def test_infeasible_states_need_capacity_and_remedies() -> None:
     assert "GiB per device" in text and "72.0 GiB" in text
     # only remedies checked to work are printed: more hosts, never b=1 (already tried)
     assert "hosts" in text and "checked to fit" in text and "micro-batch size 1" not in text
+    # the DGX's 2 TiB of host memory and its NVMe drives hold what the GPUs cannot
+    assert "allow offload to host memory (--offload auto)" in err.suggestions
     hosts = int(text.split("use ")[1].split(" hosts")[0])
     bigger = load_cluster("dgx-a100", nodes=hosts)
     assert search(_gpt(96, 12288, 96), bigger, cfg, progress=False).num_devices == 8 * hosts

@@ -26,7 +26,7 @@ def test_too_big_is_infeasible_with_memory_figures():
     model = gpt(layers=96, hidden=12288, heads=96, vocab=51200, seq_len=2048)
     cluster = load_cluster("dgx-a100", nodes=1)
     with pytest.raises(InfeasibleError) as info:
-        search(model, cluster, TrainingConfig(global_batch=64), progress=False)
+        search(model, cluster, TrainingConfig(global_batch=64, offload="none"), progress=False)
     err = info.value
     assert err.needed_bytes > err.available_bytes > 0
     assert any("hosts" in s for s in err.suggestions)
