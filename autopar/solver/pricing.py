@@ -361,21 +361,36 @@ def _relieve(
 
     Returns (the relieved blocks' layer indices, extra seconds per microbatch per rank, new
     device bytes per rank, activation bytes sent to host per rank), or None when a rank cannot
-    fit. A rank
-    with more microbatches in flight (the first in 1F1B) needs more relief than the last.
+    fit. A rank with more microbatches in flight (the first in 1F1B) needs more relief than the
+    last.
     ``recompute``: a block fully recomputed keeps only its input (its full activations are a
     transient while it is recomputed). ``offload``: a block's saved activations are copied to
     host memory as the forward goes and back for the backward, on the compute stream
     (``torch.autograd.graph.save_on_cpu``, what the emitter runs): the copies are exposed.
     """
     cap = ctx.capacity_bytes
+    blocks = np.asarray(ctx.blocks, dtype=np.int64)
+    # all ranks at once first: relieving every block of a rank is the most it can save
+    ob = owner[blocks]
+    if relief == "recompute":
+        most = flight * np.bincount(ob, vec.saved[blocks] - vec.full_saved[blocks], pp)
+        peak_t = np.zeros(pp)
+        np.maximum.at(peak_t, ob, vec.full_transient[blocks])
+        grow = np.maximum(other, peak_t) - other
+    else:
+        most = flight * np.bincount(ob, vec.saved[blocks], pp)
+        peak_t = np.zeros(pp)
+        np.maximum.at(peak_t, ob, vec.saved[blocks])
+        grow = peak_t
+    over_cap = totals > cap * (1 + 1e-9)
+    if (totals - cap + grow > most + 1e-6)[over_cap].any():
+        return None
     picked: list[int] = []
     extra = np.zeros(pp)
     totals = totals.copy()
     host_act = np.zeros(pp)
-    blocks = np.asarray(ctx.blocks, dtype=np.int64)
-    for r in np.nonzero(totals > cap * (1 + 1e-9))[0]:
-        mine = blocks[owner[blocks] == r]
+    for r in np.nonzero(over_cap)[0]:
+        mine = blocks[ob == r]
         if len(mine) == 0:
             return None
         if relief == "recompute":
@@ -405,6 +420,18 @@ def _relieve(
             # save_on_cpu copies on the compute stream: out in forward, back in backward
             extra[r] = moved / host.d2h_bytes_per_s + moved / host.h2d_bytes_per_s
     return tuple(sorted(picked)), extra, totals, host_act
+
+
+def _offload_floor(
+    ctx: PricingContext, vec: _Vectors, shape: Shape, offload: str, zero_class: int
+) -> float:
+    """A floor of the CPU optimizer step an offload mode adds after the pipeline (the mean
+    rank's, which the slowest rank's is not below)."""
+    if offload == "none" or ctx.host is None:
+        return 0.0
+    sharded = shape.dp if (zero_class == 3 or offload == "full" or shape.dp > 1) else 1
+    params = float(vec.params.sum()) / shape.pp / sharded
+    return params / ctx.host.cpu_adam_params_per_s
 
 
 def _pipeline_s(vec: _Vectors, owner: np.ndarray, pp: int, m: int, v: int) -> float:
@@ -458,6 +485,9 @@ def _evaluate(
     if relief != "none":
         if not (totals > cap).any():
             return None  # nothing to relieve: the plain candidate is the same plan
+        if float((w + g + o).max()) > cap:
+            need.append(float(totals.max()))
+            return None  # the model state alone does not fit: activations cannot help
         relieved = _relieve(ctx, vec, owner=owner, flight=flight, totals=totals, other=other,
                             relief=relief, pp=pp)  # fmt: skip
         if relieved is None:
@@ -616,6 +646,15 @@ def _uniform_owner(num_layers: int, blocks: list[int], pp: int) -> np.ndarray | 
     owner[: blocks[0]] = 0
     owner[blocks[-1] + 1 :] = pp - 1
     return owner
+
+
+def _virtual_options(num_blocks: int, pp: int) -> list[int]:
+    """Chunks per rank worth pricing: those that cut a rank's blocks into equal chunks (what
+    Megatron-LM's ``--num-layers-per-virtual-pipeline-stage`` allows), for either rank size
+    when the blocks do not divide over pp (Llama 3 405B: 126 blocks over 16 ranks, v = 4).
+    Other counts only make chunks unequal, which stalls the schedule (``simulate_schedule``)."""
+    lo, hi = num_blocks // pp, -(-num_blocks // pp)
+    return sorted({v for n in {lo, hi} for v in range(2, n + 1) if n % v == 0})
 
 
 def _ends_inward(n: int) -> list[int]:
@@ -797,7 +836,7 @@ def price_shape(
         if schedule == "interleaved_1f1b":
             if m % pp:
                 return []  # Megatron's interleaved schedule needs M divisible by pp
-            vs = _options(fixed, "virtual_stages", range(2, len(blocks) // pp + 1))
+            vs = _options(fixed, "virtual_stages", _virtual_options(len(blocks), pp))
             return [(v, _interleaved_owner_cached(n, tuple(blocks), pp, v)) for v in vs]
         return [(1, uniform)]
 
@@ -815,14 +854,21 @@ def price_shape(
                 if not tries:
                     continue
                 vecs = [(z, _vectors(ctx, base, shape.dp, recompute, z, offload, m)) for z in tries]
+                floor = _offload_floor(ctx, vecs[0][1], shape, offload, zero_class)
+                lean = vecs[-1][1]
+                lean_state = lean.weights + lean.grads + lean.optimizer
                 fits = False
                 for schedule in schedules:
                     for v, owner in layouts_of(schedule):
                         if owner is None:
                             continue
+                        state = float(np.bincount(owner, lean_state, pp).max())
+                        if state > ctx.capacity_bytes * (1 + 1e-9):
+                            need.append(state)
+                            continue  # the model state alone does not fit: nothing will
                         if (phase == "relief" or offload != first) and _pipeline_s(
                             vecs[0][1], owner, pp, m, v
-                        ) >= bound():
+                        ) + floor >= bound():
                             continue  # relief and offload only add time: cannot reach the best
                         for relief in ("none", *reliefs):
                             if relief != "none" and recompute == "full":
@@ -853,7 +899,7 @@ def price_shape(
                     ):
                         lat = vecs[0][1].lat
                         total = float(lat.sum())
-                        lb = total + (m - 1) * max(total / pp, float(lat.max()))
+                        lb = total + (m - 1) * max(total / pp, float(lat.max())) + floor
                         last = vecs[-1][1]
                         mem_lb = float((last.weights + last.grads + last.optimizer).sum()) / pp
                         if mem_lb > ctx.capacity_bytes:

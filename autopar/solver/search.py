@@ -437,6 +437,12 @@ SIMULATED = 24
 """Best candidates (by the closed form) whose pipeline schedule is simulated op by op."""
 
 
+def _ideal_s(shape: Shape, costs: tuple[LayerCost, ...], global_batch: int) -> float:
+    """Compute and tensor-parallel time per device of a step, no bubble: a shape's floor."""
+    per_mb = sum(c.fwd_s + c.bwd_s + c.tp_fwd_s + c.tp_bwd_s for c in costs)
+    return per_mb * global_batch / (shape.dp * shape.b * shape.pp)
+
+
 def _simulate_best(pctx: PricingContext, ranked: list[Priced], top_k: int) -> list[Priced]:
     """Re-price the best candidates by simulating their schedule, and re-rank.
 
@@ -444,14 +450,26 @@ def _simulate_best(pctx: PricingContext, ranked: list[Priced], top_k: int) -> li
     chunks of 1 and 2 blocks, a first stage that recomputes more) ranks stall inside the
     schedule and only the op-by-op simulation (``pipeline.simulate_schedule``) sees it. The
     difference is the pipeline bubble's, so the breakdown still adds up to the step.
+    Candidates are simulated in closed-form order until the next one's closed form (a stall
+    only adds time) cannot reach the best ``top_k + 1`` simulated ones, at most ``SIMULATED``.
     """
-    n = min(len(ranked), max(SIMULATED, 4 * top_k))
-    head = [_simulated(pctx, p) for p in ranked[:n]]
-    return sorted(head, key=lambda p: p.step_s) + ranked[n:]
+    done: list[Priced] = []
+    n = 0
+    for p in ranked[:SIMULATED]:
+        kept = sorted(q.step_s for q in done)[: top_k + 1]
+        if len(kept) > top_k and p.step_s > kept[-1]:
+            break
+        done.append(_simulated(pctx, p))
+        n += 1
+    return sorted(done, key=lambda p: p.step_s) + ranked[n:]
+
+
+SIMULATED_OPS = 20_000
+"""Largest schedule (forwards + backwards) simulated; beyond it the closed form stands."""
 
 
 def _simulated(pctx: PricingContext, p: Priced) -> Priced:
-    if p.shape.pp == 1:
+    if p.shape.pp == 1 or 2 * p.microbatches * p.shape.pp * p.virtual_stages > SIMULATED_OPS:
         return p
     stages, _, tails = stage_details(pctx, p)
     tl = simulate_schedule(
@@ -642,6 +660,9 @@ def _search(
             break
     # second pass: per-stage recompute, activation and model-state offload, pruned by the bound
     if relief_pass and not ctx.stats.get("stopped_early"):
+        # most promising first (compute and tp comm per device, no bubble): the bound tightens
+        # early and prunes the rest before their relief is worked out
+        priced.sort(key=lambda job: _ideal_s(job[0], job[4], config.global_batch))
         last_shape = None
         for shape, sp, variant, pctx_shape, costs in priced:
             jobs += price_shape(
@@ -685,7 +706,6 @@ def _search(
         raise _infeasible(model, cluster, config, need, capacity)
 
     candidates = _simulate_best(pctx, sorted(best.values(), key=lambda p: p.step_s), top_k)
-    ctx.stats["simulated"] = min(len(candidates), max(SIMULATED, 4 * top_k))
     winner = candidates[0]
     elapsed = time.perf_counter() - t_start
     lower = _lower_bound_s(model, cluster, config)
