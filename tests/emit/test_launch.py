@@ -74,16 +74,19 @@ def test_one_line_per_node_with_its_rank():
     assert info.value.field == "--node-rank"
 
 
+# one write per line (shorter than PIPE_BUF, so atomic): the two ranks of a node share a pipe
 SCRIPT = """
 import os
+import sys
 import torch
 import torch.distributed as dist
 
 dist.init_process_group("gloo")
 t = torch.tensor([dist.get_rank()])
 dist.all_reduce(t)
-print(f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} of {dist.get_world_size()} "
-      f"sum {int(t)} plan {os.environ.get('AUTOPAR_PLAN')}", flush=True)
+sys.stdout.write(f"node {os.environ['GROUP_RANK']} rank {dist.get_rank()} of "
+                 f"{dist.get_world_size()} sum {int(t)} plan {os.environ.get('AUTOPAR_PLAN')}\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
