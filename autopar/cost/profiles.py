@@ -298,26 +298,21 @@ class DeviceProfile:
 
     def peak_flop_per_s(self, dtype: str) -> float:
         """Dense tensor-core peak for ``dtype`` (bf16/fp16/fp32 or torch names like bfloat16)."""
-        key = DTYPE_ALIASES.get(dtype)
-        for k, v in self.peak_flops:
-            if k == key:
-                return v
-        raise ConfigError(
-            f"device {self.name} has no peak for dtype {dtype!r}",
-            field="dtype",
-            allowed=[k for k, _ in self.peak_flops],
-        )
+        return self._per_dtype(self.peak_flops, dtype, "peak")
 
     def gemm_fraction(self, dtype: str) -> float:
         """Achieved fraction of ``dtype``'s peak that large GEMMs reach."""
+        return self._per_dtype(self.gemm_fractions, dtype, "GEMM efficiency")
+
+    def _per_dtype(self, table: tuple[tuple[str, float], ...], dtype: str, what: str) -> float:
         key = DTYPE_ALIASES.get(dtype)
-        for k, v in self.gemm_fractions:
+        for k, v in table:
             if k == key:
                 return v
         raise ConfigError(
-            f"device {self.name} has no GEMM efficiency for dtype {dtype!r}",
+            f"device {self.name} has no {what} for dtype {dtype!r}",
             field="dtype",
-            allowed=[k for k, _ in self.gemm_fractions],
+            allowed=[k for k, _ in table],
         )
 
     def memory_fraction(self, kind: str = "elementwise") -> float:

@@ -254,34 +254,30 @@ class StageModule(nn.Module):
         except AttributeError:
             return False
 
-    def _attach_module(self, path: str, module: nn.Module, runners: dict[str, LayerRunner]) -> None:
-        parts = path.split(".")
+    def _parent(self, path: str, runners: dict[str, LayerRunner]) -> tuple[nn.Module, str]:
+        """The module that owns ``path``'s last name, made on the way (a block's runner where the
+        path passes through a block, a bare ``nn.Module`` elsewhere), and that name."""
+        *parents, leaf = path.split(".")
         mod: nn.Module = self
         prefix = ""
-        for p in parts[:-1]:
+        for p in parents:
             prefix = f"{prefix}.{p}" if prefix else p
             child = mod._modules.get(p)
             if child is None:
                 child = runners.get(prefix) or nn.Module()
                 mod.add_module(p, child)
             mod = child
-        if parts[-1] not in mod._modules:
-            mod.add_module(parts[-1], module)
+        return mod, leaf
+
+    def _attach_module(self, path: str, module: nn.Module, runners: dict[str, LayerRunner]) -> None:
+        mod, leaf = self._parent(path, runners)
+        if leaf not in mod._modules:
+            mod.add_module(leaf, module)
 
     def _place(
         self, fqn: str, tensor: torch.Tensor, runners: dict[str, LayerRunner], *, buffer: bool
     ) -> tuple[nn.Module, str]:
-        parts = fqn.split(".")
-        mod: nn.Module = self
-        prefix = ""
-        for p in parts[:-1]:
-            prefix = f"{prefix}.{p}" if prefix else p
-            child = mod._modules.get(p)
-            if child is None:
-                child = runners.get(prefix) or nn.Module()
-                mod.add_module(p, child)
-            mod = child
-        leaf = parts[-1]
+        mod, leaf = self._parent(fqn, runners)
         if buffer:
             mod.register_buffer(leaf, tensor, persistent=False)
         else:

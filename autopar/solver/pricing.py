@@ -234,8 +234,9 @@ class _Vectors:
     p2p: np.ndarray
     host: np.ndarray
     """Bytes of model state per layer kept in host memory (offload)."""
-    fwd_window: np.ndarray
-    """Forward compute per layer (what activation offload's copies overlap with)."""
+    fwd_part: np.ndarray
+    """The forward's share of ``lat``: compute, tp comm and the ZeRO-3 gather the prefetch does
+    not hide (the schedule simulation's forward op)."""
     to_full: np.ndarray
     """Extra seconds per microbatch to recompute the layer in full (per-stage relief)."""
     full_saved: np.ndarray
@@ -279,6 +280,7 @@ def _vectors(
     gather, reduce = b.gather, b.reduce
     copies_hidden = np.zeros_like(base)
     copies_exposed = np.zeros_like(base)
+    fwd_exposed = np.zeros_like(base)
     if offload == "optimizer":
         host_pp, o_pp = o_pp, 0.0
     elif offload == "full":
@@ -294,7 +296,8 @@ def _vectors(
         # forward: the next layer's weights are prefetched behind this layer's compute;
         # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
         fwd = b.fwd + b.tp_fwd
-        lat = base + np.maximum(0.0, gather - fwd) + gather + reduce
+        fwd_exposed = np.maximum(0.0, gather - fwd)
+        lat = base + fwd_exposed + gather + reduce
         hidden = np.minimum(gather, fwd)
         trans = trans + b.params * ctx.dtype_bytes  # one layer's gathered weights at a time
         sync = np.zeros_like(base)
@@ -332,7 +335,7 @@ def _vectors(
         params=b.params,
         p2p=b.p2p,
         host=b.params * host_pp,
-        fwd_window=b.fwd,
+        fwd_part=b.fwd + b.tp_fwd + fwd_exposed,
         to_full=to_full,
         full_saved=b.inp,
         full_transient=b.act,
@@ -958,13 +961,7 @@ def stage_details(ctx: PricingContext, p: Priced) -> tuple[list, list, list]:
     )
     owner = np.asarray(p.stages)
     pp = shape.pp
-    # forward: compute and tp comm, plus what ZeRO-3's prefetch of the weights does not hide
-    fwd_part = np.fromiter((c.fwd_s + c.tp_fwd_s for c in p.costs), float, len(p.costs))
-    if p.zero == 3 and (shape.dp > 1 or p.offload == "full"):
-        gather = np.fromiter((c.zero3_gather_s for c in p.costs), float, len(p.costs))
-        if p.offload == "full" and ctx.host is not None:  # the shard crosses PCIe first
-            gather = gather + vec.params * ctx.dtype_bytes / shape.dp / ctx.host.h2d_bytes_per_s
-        fwd_part = fwd_part + np.maximum(0.0, gather - fwd_part)
+    fwd_part = vec.fwd_part.copy()
     bwd_part = vec.lat - fwd_part
     # per-stage relief, where the pricer put it
     rec = list(p.recompute_layers)
