@@ -1,16 +1,17 @@
 """Suite-wide collection rules.
 
 With ``pytest -n 2 --dist loadgroup`` (the README's command) tests that start processes
-(``distributed``-marked gloo runs, everything under ``tests/emit``) and the timing-sensitive
-compute calibration share one worker, one at a time, while the other worker runs the rest: the
-two cores stay busy and no two multi-process tests compete for them.
+(``distributed``-marked gloo runs, everything under ``tests/emit``) share one worker, one at a
+time, while the other worker runs the rest: the two cores stay busy and no two multi-process
+tests compete for them. Tests marked ``timing`` measure this CPU and are left to a second,
+serial run (``-m timing``) on an idle machine.
 """
 
 from __future__ import annotations
 
 import pytest
 
-SERIAL = ("tests/emit/", "tests/cost/test_cost_compute_calibrate.py")
+SERIAL = ("tests/emit/",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
