@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation offload")  # fmt: skip
     stack = p.add_argument_group("software stack the plan is priced for")
     stack.add_argument("--stack", choices=tuple(STACKS), default=None,
-                       help="preset setting the three flags below (each has a source)")  # fmt: skip
+                       help="preset setting the four flags below (each has a source)")  # fmt: skip
     stack.add_argument("--attention", choices=("flash", "unfused"), default=None,
                        help="attention kernel (default flash)")  # fmt: skip
     stack.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default=None,
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--overlap-grad-reduce", choices=("on", "off"), default=None,
                        help="data-parallel gradient reduction overlapped with backward "
                        "(default on)")  # fmt: skip
+    stack.add_argument("--grad-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                       help="dtype gradients are accumulated and reduced in (default: --dtype; "
+                       "fp32 with --stack megatron-core or torchtitan)")  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     p.add_argument("--report", type=Path, default=None,
@@ -206,6 +209,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         attention=args.attention,
         sequence_parallel=args.sequence_parallel,
         overlap_grad_reduce=overlap,
+        grad_dtype=args.grad_dtype,
     )
     fixed = {k: getattr(args, k) for k in FIXED_FLAGS if getattr(args, k) is not None}
     user_files = _user_files(model, args.model, args.example_inputs)

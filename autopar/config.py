@@ -34,26 +34,32 @@ STACKS: dict[str, dict[str, object]] = {
         "attention": "unfused",
         "sequence_parallel": "off",
         "overlap_grad_reduce": False,
+        "grad_dtype": None,
         "source": "Megatron-LM as measured in Narayanan et al., SC21 (arXiv 2104.04473): "
         "attention materialises the score tensor (fused scale-mask-softmax kernel, no "
         "FlashAttention), no sequence parallelism (added in 2022), data-parallel gradient "
-        "all-reduce after the pipeline flush",
+        "all-reduce after the pipeline flush, gradients in the fp16 training dtype",
     },
     "megatron-core": {
         "attention": "flash",
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
+        "grad_dtype": "fp32",
         "source": "Megatron-Core (NVIDIA/Megatron-LM core_v0.x): Transformer Engine fused "
         "attention, --sequence-parallel with tensor parallelism, --overlap-grad-reduce "
-        "--overlap-param-gather with --use-distributed-optimizer",
+        "--overlap-param-gather with --use-distributed-optimizer; with --bf16 gradients are "
+        "accumulated and reduced in fp32 main-grad buffers (megatron/training/arguments.py "
+        "turns on --accumulate-allreduce-grads-in-fp32)",
     },
     "torchtitan": {
         "attention": "flash",
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
+        "grad_dtype": "fp32",
         "source": "torchtitan 0.3 (pytorch/torchtitan): F.scaled_dot_product_attention "
         "(flash / cuDNN kernels), sequence parallel applied with tensor parallel, FSDP2 "
-        "reduce-scatter overlapped with backward",
+        "reduce-scatter overlapped with backward, in fp32 (training.mixed_precision_reduce "
+        "defaults to float32)",
     },
 }
 
@@ -118,7 +124,7 @@ class TrainingConfig:
     None turns it off. Priced: one pass over the gradients for their norm, a scalar
     all-reduce over every rank, one pass to scale them."""
     stack: str | None = None
-    """A software-stack preset (``STACKS``) setting the three fields below together; a field
+    """A software-stack preset (``STACKS``) setting the four fields below together; a field
     given explicitly wins over the preset."""
     attention: Attention | None = None
     """How attention runs: ``flash`` (fused kernel, the default) or ``unfused`` (scores
@@ -127,6 +133,10 @@ class TrainingConfig:
     """``auto`` (searched, the default), ``on`` or ``off``."""
     overlap_grad_reduce: bool | None = None
     """Data-parallel gradient reduction overlapped with backward (default on)."""
+    grad_dtype: Dtype | None = None
+    """Dtype gradients are accumulated and reduced in (default: ``dtype``). fp32 under bf16
+    training doubles gradient memory and data-parallel traffic; Megatron-LM and torchtitan
+    do it by default for accuracy."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.global_batch, int) or self.global_batch < 1:
@@ -179,6 +189,12 @@ class TrainingConfig:
             )
         if self.overlap_grad_reduce is not None and not isinstance(self.overlap_grad_reduce, bool):
             raise ConfigError("must be true or false", field="overlap_grad_reduce")
+        if self.grad_dtype is not None and self.grad_dtype not in get_args(Dtype):
+            raise ConfigError(
+                f"unknown grad_dtype {self.grad_dtype!r}",
+                field="grad_dtype",
+                allowed=get_args(Dtype),
+            )
 
     def _stacked(self, key: str, default: object) -> object:
         own = getattr(self, key)
@@ -202,6 +218,16 @@ class TrainingConfig:
     def overlaps_grad_reduce(self) -> bool:
         """Whether dp gradient reduction overlaps backward, after the stack preset."""
         return bool(self._stacked("overlap_grad_reduce", True))
+
+    @property
+    def grad_dtype_name(self) -> str:
+        """Dtype of gradients as accumulated and reduced, after the stack preset."""
+        return str(self._stacked("grad_dtype", None) or self.dtype)
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per gradient element."""
+        return DTYPE_BYTES[self.grad_dtype_name]
 
     @property
     def dtype_bytes(self) -> int:

@@ -223,6 +223,11 @@ def _overlap(plan: Plan) -> bool:
     return True if value is None else bool(value)
 
 
+def _grad_dtype(plan: Plan) -> str:
+    """The dtype the plan priced gradients in (its stack's, else its training dtype)."""
+    return str(_stack(plan).get("grad_dtype") or plan.dtype)
+
+
 def _command(head: list[str], args: list[list[str]]) -> str:
     """``head`` then one argument group per continuation line, shell-quoted where needed."""
     lines = [" ".join(head)]
@@ -282,6 +287,11 @@ def _export_torchtitan(plan: Plan) -> str:
     training.append(
         ["--training.mixed-precision-param", "float32" if plan.dtype == "fp32" else "bfloat16"]
     )
+    if _grad_dtype(plan) != "fp32" and p.dp > 1:
+        notes.append(
+            f"the plan priced {_grad_dtype(plan)} gradient reduction; torchtitan 0.3.0 reduces "
+            "in float32 only (training.mixed_precision_reduce): twice the data-parallel traffic"
+        )
 
     # data parallel: replicate (DDP) vs shard (FSDP2)
     zero = plan.zero_stage
@@ -677,6 +687,12 @@ def _export_megatron(plan: Plan) -> str:
 
     if plan.dtype in ("bf16", "fp16"):
         args.append([f"--{plan.dtype}"])
+    megatron_grads = "fp32" if plan.dtype in ("bf16", "fp32") else "fp16"
+    if _grad_dtype(plan) != megatron_grads:
+        notes.append(
+            f"the plan priced {_grad_dtype(plan)} gradients; Megatron-LM accumulates and "
+            f"reduces {plan.dtype} training's gradients in {megatron_grads}"
+        )
 
     env: list[str] = []
     if fsdp:

@@ -159,6 +159,8 @@ class Stack:
     """``"auto"`` (searched), ``"on"`` or ``"off"``: what the search was allowed."""
     overlap_grad_reduce: bool = True
     """Data-parallel gradient reduction overlapped with backward (DDP buckets / FSDP)."""
+    grad_dtype: str | None = None
+    """Dtype gradients were priced in (accumulated and reduced); None: the plan's dtype."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -628,6 +630,8 @@ def _check_consistency(plan: Plan) -> None:
                 )
     _one_of(plan.stack.attention, ATTENTION_KERNELS, "stack.attention")
     _one_of(plan.stack.sequence_parallel, SEQUENCE_PARALLEL_MODES, "stack.sequence_parallel")
+    if plan.stack.grad_dtype is not None:
+        _one_of(plan.stack.grad_dtype, DTYPES, "stack.grad_dtype")
 
     # the mesh, the degrees and the device count
     for axis in MESH_AXES:

@@ -120,6 +120,8 @@ class PricingContext:
     optimizer: str
     optimizer_state_bytes: float
     dtype: str
+    grad_dtype: str
+    grad_bytes: int
     capacity_bytes: float
     blocks: list[int]
     """Indices of the block layers (pipeline stages cut between blocks)."""
@@ -274,7 +276,12 @@ def _vectors(
     # runs; Megatron's distributed optimizer), so it holds ZeRO-1's gradient memory
     state_zero = 1 if zero == 2 and microbatches > 1 else zero
     state = model_state_breakdown(
-        num_params=1.0, dtype=ctx.dtype, optimizer=ctx.optimizer, zero_stage=state_zero, dp=dp
+        num_params=1.0,
+        dtype=ctx.dtype,
+        optimizer=ctx.optimizer,
+        zero_stage=state_zero,
+        dp=dp,
+        grad_dtype=ctx.grad_dtype,
     )
     w_pp, g_pp, o_pp, host_pp = state.weights, state.grads, state.optimizer, 0.0
     gather, reduce = b.gather, b.reduce
@@ -291,7 +298,7 @@ def _vectors(
         assert h is not None
         w_shard = b.params * ctx.dtype_bytes / max(1, dp)
         gather = gather + w_shard / h.h2d_bytes_per_s
-        reduce = reduce + w_shard / h.d2h_bytes_per_s
+        reduce = reduce + b.params * ctx.grad_bytes / max(1, dp) / h.d2h_bytes_per_s
     if zero == 3 and (dp > 1 or offload == "full"):
         # forward: the next layer's weights are prefetched behind this layer's compute;
         # backward (recompute + gradients): gathered on demand and reduce-scattered, exposed
@@ -538,7 +545,7 @@ def _evaluate(
         assert h is not None
         # ZeRO-Offload as the emitter runs it (emit.offload.HostOptimizer): after backward the
         # gradients go to the host, the CPU updates, the new weights come back
-        grads_dev = params_dev * ctx.dtype_bytes
+        grads_dev = params_dev * ctx.grad_bytes
         offload_tail = (
             params_dev / h.cpu_adam_params_per_s
             + grads_dev / h.d2h_bytes_per_s

@@ -151,7 +151,9 @@ class _Context:
         from autopar.sharding.layer_plan import choose_layer
 
         cfg = self.config
-        multiplier = (cfg.dtype_bytes * 2 + cfg.optimizer_state_bytes) / cfg.dtype_bytes
+        multiplier = (
+            cfg.dtype_bytes + cfg.grad_bytes + cfg.optimizer_state_bytes
+        ) / cfg.dtype_bytes
         owner_layout: dict[str, str] = {}
         out: dict[str, Any] = {}
         for layer in self.model.layers:
@@ -259,7 +261,7 @@ class _Context:
                         full_mesh=mesh,
                         cluster=self.cluster,
                         dtype_bytes=cfg.dtype_bytes,
-                        grad_bytes=cfg.dtype_bytes,
+                        grad_bytes=cfg.grad_bytes,
                     )  # fmt: skip
                 )
             cost = by_sig[layer.signature]
@@ -320,7 +322,7 @@ class _Context:
             return 0.0
         size = shape.dp * shape.tp
         pair = (0, (shape.pp - 1) * size)
-        return collective_time_s("all_reduce", numel * self.config.dtype_bytes, pair, self.cluster)
+        return collective_time_s("all_reduce", numel * self.config.grad_bytes, pair, self.cluster)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,6 +587,8 @@ def _search(
         dtype_bytes=config.dtype_bytes,
         optimizer=config.optimizer,
         dtype=config.dtype,
+        grad_dtype=config.grad_dtype_name,
+        grad_bytes=config.grad_bytes,
         capacity_bytes=capacity,
         blocks=blocks,
         optimizer_line=_optimizer_line(cluster, config),
@@ -754,7 +758,7 @@ def _optimizer_line(cluster: Any, config: TrainingConfig) -> tuple[float, float]
     from autopar.cost.compute import memory_bound_time_s
 
     state = config.optimizer_state_bytes
-    grad = config.dtype_bytes
+    grad = config.grad_bytes
     update_bytes = 2.0 * (state + 2 * grad)  # read and write master/state, weights, grads
     clip_bytes = 3.0 * grad if config.grad_clip is not None else 0.0
 
@@ -804,7 +808,7 @@ def _infeasible(
         min(need)
         if need
         else float(model.param_count)
-        * (config.dtype_bytes * 2 + config.optimizer_state_bytes)
+        * (config.dtype_bytes + config.grad_bytes + config.optimizer_state_bytes)
         / max(1, cluster.num_devices)
     )
     return InfeasibleError(
@@ -1067,6 +1071,7 @@ def _build_plan(
             attention=cfg.attention_kernel,
             sequence_parallel=cfg.sequence_parallel_mode,
             overlap_grad_reduce=cfg.overlaps_grad_reduce,
+            grad_dtype=cfg.grad_dtype_name,
         ),
         parallel=win.parallel,
         mesh=Mesh(shape=(shape.pp, shape.dp, shape.tp), dim_names=("pp", "dp", "tp")),

@@ -10,6 +10,7 @@ EXPECTED = {
     "plan": {
         "model", "--cluster", "--nodes", "--global-batch", "--seq", "--example-inputs", "--dtype",
         "--optimizer", "--stack", "--attention", "--sequence-parallel", "--overlap-grad-reduce",
+        "--grad-dtype",
         "--top", "--json", "--time-limit", "--emit", "--dp", "--tp", "--pp", "--microbatches",
         "--micro-batch-size", "--recompute", "--zero", "--schedule", "--quiet", "--offload",
         "--report",
