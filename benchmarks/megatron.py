@@ -29,6 +29,11 @@ search. One set of constants (``cost_models/*.yaml``) prices every row; no row i
   arXiv 2402.15627, abstract) 55.2 % for a 175B model on 12,288 A100s with FlashAttention-2
   and every collective overlapped, 1.34x Megatron-LM's.
 
+* Split ranking (SC21 §5.4, Figure 13): for a 162.2B GPT on 64 A100s, (tp, pp) = (8, 8) beat every
+  other split at batch 32 and 128. The 162.2B shape is not published; the nearest zoo model,
+  GPT-3 175B (96 layers, hidden 12288), is priced instead at each (tp, pp) with tp x pp = 64,
+  ``--stack megatron-2021 --dp 1 --recompute full``, the rest searched. Target: (8, 8) fastest.
+
 Like with like: the paper's TFLOP/s use ``F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))`` (forward
 + recomputed forward + backward), so a predicted step time T gives ``F / (T · gpus)``.
 
@@ -36,7 +41,7 @@ A second model side by side: ``--second-cluster TOPOLOGY`` prices every row agai
 topology file (e.g. one whose hosts reference another device or link profile, such as a
 ``autopar calibrate`` output) and prints its prediction and error in extra columns.
 
-Run: ``python benchmarks/megatron.py [--table 1|2|both|none] [--no-free] [--rows N]
+Run: ``python benchmarks/megatron.py [--table 1|2|both|none] [--no-free] [--no-splits] [--rows N]
 [--second-cluster PATH] [--commands]``.
 """
 
@@ -260,10 +265,36 @@ def free_search(show: bool) -> float | None:
     return plan.mfu
 
 
+def split_ranking(show: bool) -> bool:
+    """SC21 Figure 13's finding: on 64 GPUs (tp, pp) = (8, 8) is the fastest split."""
+    print("\n== Split ranking: GPT-3 175B on 64 A100s (SC21 Figure 13: (8, 8) fastest) ==")
+    ok = True
+    for batch in (32, 128):
+        times: dict[tuple[int, int], float] = {}
+        for tp in (2, 4, 8, 16):
+            pins = ["--tp", str(tp), "--pp", str(64 // tp), "--dp", "1", "--recompute", "full"]
+            try:
+                plan = plan_via_cli("gpt3-175b", cluster="dgx-a100", nodes=8, global_batch=batch,
+                                    flags=[*STACK, *pins])  # fmt: skip
+            except CliError as e:
+                print(f"  B={batch} tp{tp}: no plan ({e})")
+                continue
+            times[(tp, 64 // tp)] = plan.step_time_s
+            if show:
+                print("      " + command_line(list(plan.argv)))
+        order = sorted(times, key=times.__getitem__)
+        best = bool(order) and order[0] == (8, 8)
+        ok = ok and best
+        ranked = ", ".join(f"({t}, {p}) {times[(t, p)]:.2f} s" for t, p in order)
+        print(f"  B={batch}: {ranked}  [(8, 8) fastest: {'yes' if best else 'NO'}]")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", choices=("1", "2", "both", "none"), default="both")
     ap.add_argument("--no-free", action="store_true", help="skip the 175B free-search MFU check")
+    ap.add_argument("--no-splits", action="store_true", help="skip the split-ranking check")
     ap.add_argument("--rows", type=int, default=None, help="only the first N rows of table 1")
     ap.add_argument("--second-cluster", default=None, metavar="TOPOLOGY",
                     help="price every row again on this topology (a second cost model)")  # fmt: skip
@@ -281,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         _stats(rows, "Tables 1+2 (target median <= 8 %, max <= 15 %)", args.second_cluster)
         won = sum(ok for _, ok in pairs)
         print(f"3D faster than ZeRO-3 in {won} of {len(pairs)} equal-GPU pairs (target: all 5)")
+    if not args.no_splits:
+        split_ranking(args.commands)
     if not args.no_free:
         free_search(args.commands)
     return 0
