@@ -233,7 +233,7 @@ def render(plan: Plan) -> str:
     stack_txt = (f"stack {stack.name}: " if stack.name else "stack: ") + (
         f"{stack.attention} attention, sequence parallel {stack.sequence_parallel}, "
         f"grad reduce {'overlapped' if stack.overlap_grad_reduce else 'not overlapped'}"
-        f" in {stack.grad_dtype or plan.dtype}"
+        f" in {plan.grad_dtype}"
     )
     lines = [
         f"autopar plan for {plan.model} on {plan.cluster} ({plan.num_devices} devices)",

@@ -388,6 +388,11 @@ class Plan:
 
     # -- views --------------------------------------------------------------------------------
     @property
+    def grad_dtype(self) -> str:
+        """Dtype gradients were priced in: the stack's, else the training dtype."""
+        return self.stack.grad_dtype or self.dtype
+
+    @property
     def stage_dim_names(self) -> tuple[str, ...]:
         """Mesh axes inside one pipeline stage (the axes placements refer to)."""
         return tuple(n for n in self.mesh.dim_names if n != "pp")

@@ -919,7 +919,7 @@ def _facts_section(plan: Plan, cluster: Cluster | None) -> _Section:
         ("sequence parallel allowed", s.sequence_parallel),
         ("sequence parallel chosen", "on" if plan.sequence_parallel else "off"),
         ("gradient reduction", "overlapped with backward" if s.overlap_grad_reduce else "exposed"),
-        ("gradient dtype", s.grad_dtype or plan.dtype),
+        ("gradient dtype", plan.grad_dtype),
     ]
     pred = plan.predicted
     assumptions = [

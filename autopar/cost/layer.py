@@ -109,12 +109,12 @@ def layer_cost(
         g_bytes = per_dev * grad_bytes
         w_bytes = per_dev * dtype_bytes
         grad_sync = mesh_collective_time_s("all_reduce", g_bytes, full_mesh, "dp", cluster)
-        rail = _rail(full_mesh.groups("dp")[0], cluster)
+        group = full_mesh.groups("dp")[0]
+        rail = _rail(group, cluster)
         if rail is None:  # the dp group sits inside one host
             gather = mesh_collective_time_s("all_gather", w_bytes, full_mesh, "dp", cluster)
             reduce = mesh_collective_time_s("reduce_scatter", g_bytes, full_mesh, "dp", cluster)
         else:
-            group = full_mesh.groups("dp")[0]
             gather = _flat_ring_s("all_gather", w_bytes, rail, group, cluster)
             reduce = _flat_ring_s("reduce_scatter", g_bytes, rail, group, cluster)
     return LayerCost(

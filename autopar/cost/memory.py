@@ -72,8 +72,10 @@ def model_state_breakdown(
     """Model state of ``num_params`` parameters held by one device (already divided by tp/pp),
     with ZeRO ``zero_stage`` sharding over a data-parallel group of ``dp`` devices; gradients
     in ``grad_dtype`` (default ``dtype``)."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}", field="dtype", allowed=tuple(DTYPE_BYTES))
+    grad_dtype = dtype if grad_dtype is None else grad_dtype
+    for name, value in (("dtype", dtype), ("grad_dtype", grad_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ConfigError(f"unknown {name} {value!r}", field=name, allowed=tuple(DTYPE_BYTES))
     mixed = dtype != "fp32"
     if (optimizer, mixed) not in OPTIMIZER_STATE_BYTES:
         allowed = sorted({o for o, _ in OPTIMIZER_STATE_BYTES})
@@ -86,11 +88,6 @@ def model_state_breakdown(
         raise ConfigError(f"dp must be a positive integer, got {dp!r}", field="dp")
     if num_params < 0:
         raise ConfigError(f"num_params must be >= 0, got {num_params!r}", field="num_params")
-    grad_dtype = dtype if grad_dtype is None else grad_dtype
-    if grad_dtype not in DTYPE_BYTES:
-        raise ConfigError(
-            f"unknown grad_dtype {grad_dtype!r}", field="grad_dtype", allowed=tuple(DTYPE_BYTES)
-        )
     w = num_params * DTYPE_BYTES[dtype]
     g = num_params * DTYPE_BYTES[grad_dtype]
     o = num_params * OPTIMIZER_STATE_BYTES[(optimizer, mixed)]

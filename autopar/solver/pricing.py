@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from autopar.config import DTYPE_BYTES
 from autopar.cost.layer import LayerCost
 from autopar.cost.memory import model_state_breakdown
 from autopar.plan import MemoryBreakdown, Parallel, TimeBreakdown
@@ -121,7 +122,6 @@ class PricingContext:
     optimizer_state_bytes: float
     dtype: str
     grad_dtype: str
-    grad_bytes: int
     capacity_bytes: float
     blocks: list[int]
     """Indices of the block layers (pipeline stages cut between blocks)."""
@@ -142,6 +142,11 @@ class PricingContext:
     """Per-stage memory relief to try when a candidate does not fit: ``recompute`` (fully
     recompute only as many blocks as the stage needs) and ``offload`` (move that many blocks'
     saved activations to host memory)."""
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes per gradient element (``grad_dtype``)."""
+        return DTYPE_BYTES[self.grad_dtype]
 
 
 @dataclass(frozen=True, slots=True)

@@ -588,7 +588,6 @@ def _search(
         optimizer=config.optimizer,
         dtype=config.dtype,
         grad_dtype=config.grad_dtype_name,
-        grad_bytes=config.grad_bytes,
         capacity_bytes=capacity,
         blocks=blocks,
         optimizer_line=_optimizer_line(cluster, config),
