@@ -4,6 +4,7 @@ default): priced in memory, data-parallel traffic and the plan's stack."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from autopar.config import TrainingConfig
 from autopar.errors import ConfigError
@@ -36,6 +37,22 @@ def test_fp32_gradients_double_gradient_memory_and_dp_traffic(plans) -> None:
     # the all-reduce is bandwidth-bound at these sizes: close to twice the time
     ratio = fp32.breakdown.dp_comm / bf16.breakdown.dp_comm
     assert 1.8 < ratio <= 2.0
+
+
+def test_a_user_written_model_prices_fp32_gradients_the_same_way() -> None:
+    """nanoGPT's layout (fused qkv, ModuleList, tied head): the gradient dtype comes from the
+    config, the bytes from the traced parameters, no name involved."""
+    from tests.user_models import FusedQKVGPT
+
+    with torch.device("meta"):
+        model = FusedQKVGPT(layers=2, hidden=512, heads=8, vocab=8192, seq_len=256)
+    cluster = load_cluster("dgx-a100", nodes=1)
+    grads = [
+        search(model, cluster, TrainingConfig(global_batch=16, grad_dtype=g), fixed=PIN,
+               progress=False).predicted.memory.grads
+        for g in ("bf16", "fp32")
+    ]  # fmt: skip
+    assert grads[1] == pytest.approx(2 * grads[0]) and grads[0] > 0
 
 
 def test_stack_preset_sets_fp32_and_an_explicit_field_wins(plans) -> None:
