@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             print("the plan names no model spec: pass --model", file=sys.stderr)
             return 2
         torch.manual_seed(args.seed)  # same initial weights on every rank
-        model = parse_model_spec(spec, device="cpu")
+        # the dtype the plan was priced for (apply_plan refuses a model in another one)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)
+        model = parse_model_spec(spec, device="cpu").to(dtype)
         vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
         pm = apply_plan(model, plan)
-        opt = torch.optim.AdamW(pm.parameters(), lr=args.lr)
+        opt = pm.make_optimizer(torch.optim.AdamW, lr=args.lr)  # fp32 masters for 16-bit plans
         for step in range(args.steps):
             t0 = time.perf_counter()
             x, y = counting_batch(

@@ -114,17 +114,20 @@ class ParallelModel:
         return {n: _full(p.grad) for n, p in self.named_parameters() if p.grad is not None}
 
     def make_optimizer(self, optimizer_cls: type = torch.optim.AdamW, **kwargs: Any) -> Any:
-        """``optimizer_cls(self.parameters(), **kwargs)`` where the plan keeps the optimizer:
-        on the device, or stepping fp32 host copies for ``offload == "optimizer"``. With
-        offload, Adam and AdamW use their fused CPU kernel (the rate the search priced)."""
+        """``optimizer_cls`` over ``self.parameters()`` where and how the plan keeps it: for a
+        16-bit plan with fp32 master weights (what the search priced: 12 bytes of Adam state
+        per parameter include the master copy), on the host for ``offload == "optimizer"``.
+        With offload, Adam and AdamW use their fused CPU kernel (the rate the search priced)."""
         if self.plan.offload != "none" and issubclass(
             optimizer_cls, (torch.optim.Adam, torch.optim.AdamW)
         ):
             kwargs.setdefault("fused", True)
-        if self.plan.offload == "optimizer":
-            from autopar.emit.offload import HostOptimizer
+        from autopar.emit.offload import MasterWeightOptimizer
 
-            return HostOptimizer(self.parameters(), optimizer_cls, **kwargs)
+        if self.plan.offload == "optimizer":
+            return MasterWeightOptimizer(self.parameters(), optimizer_cls, **kwargs)
+        if self.plan.dtype in ("bf16", "fp16"):
+            return MasterWeightOptimizer(self.parameters(), optimizer_cls, device=None, **kwargs)
         return optimizer_cls(self.parameters(), **kwargs)
 
     # -- data --------------------------------------------------------------------------------

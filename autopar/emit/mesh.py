@@ -106,7 +106,46 @@ def validate_plan(
     if model_layer_names is not None:
         check_stage_layers(plan, list(model_layer_names))
     if model is not None:
-        _check_placements(plan, dict(model.named_parameters(remove_duplicate=False)))
+        params = dict(model.named_parameters(remove_duplicate=False))
+        _check_dtypes(plan, params)
+        _check_placements(plan, params)
+
+
+_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _check_dtypes(plan: Plan, params: Mapping[str, torch.Tensor]) -> None:
+    """The model trains in the dtype the plan was priced for, and keeps gradients in it.
+
+    The emitter does not cast: weights, activations and gradients are in the parameters' own
+    dtype (fp32 master copies come from ``ParallelModel.make_optimizer``). A float32 model
+    under a bf16 plan would run, and need twice the memory the plan priced; a plan priced with
+    fp32 gradients for a bf16 model (``--stack megatron-core``) would keep them in bf16.
+    """
+    want = _TORCH_DTYPE.get(plan.dtype)
+    other = sorted(
+        {(str(p.dtype).removeprefix("torch."), n) for n, p in params.items()
+         if p.is_floating_point() and p.dtype != want}
+    )  # fmt: skip
+    if want is not None and other:
+        dtype, name = other[0]
+        raise ConfigError(
+            f"the plan was priced for {plan.dtype} training but parameter {name!r} (and "
+            f"{len(other) - 1} more) is {dtype}: cast the model first "
+            f"(model.to({want})) or re-plan with --dtype matching the model",
+            field="dtype",
+            allowed=(plan.dtype,),
+        )
+    if plan.grad_dtype != plan.dtype:
+        raise ConfigError(
+            f"the plan prices gradients in {plan.grad_dtype} ({plan.stack.name or 'stack'}: "
+            f"accumulated and reduced in {plan.grad_dtype}) but the emitter keeps them in the "
+            f"parameters' dtype ({plan.dtype}); re-plan with --grad-dtype {plan.dtype} to apply "
+            "it with autopar, or run the layout with the stack it was priced for "
+            "(`autopar explain plan.json --emit megatron|torchtitan`)",
+            field="stack.grad_dtype",
+            allowed=(plan.dtype,),
+        )
 
 
 def _check_world(plan: Plan, *, world_size: int) -> None:

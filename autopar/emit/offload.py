@@ -3,7 +3,9 @@
 * ``optimizer`` (ZeRO-Offload, Ren et al. 2021): the optimizer state and an fp32 master copy
   of every parameter this rank holds live in host memory and the step runs on the CPU; after
   backward each gradient is copied to the host, and after the step the new weights are copied
-  back. :class:`HostOptimizer` wraps any ``torch.optim`` optimizer to do that.
+  back. :class:`MasterWeightOptimizer` wraps any ``torch.optim`` optimizer to do that; on the
+  device (``device=None``) it is plain mixed precision: 16-bit weights and gradients, fp32
+  master copies and state, which is what the search prices for a bf16 / fp16 plan.
 * ``full``: FSDP2's ``CPUOffloadPolicy`` (``fsdp.apply_data_parallel``) keeps the weight,
   gradient and optimizer shards on the host, so a plain optimizer already steps there.
 * ``nvme`` (ZeRO-Infinity's optimizer state on NVMe) has no PyTorch API: refused.
@@ -22,7 +24,7 @@ import torch
 from autopar.errors import ConfigError
 from autopar.plan import Plan
 
-__all__ = ["HostOptimizer", "check_offload"]
+__all__ = ["MasterWeightOptimizer", "check_offload"]
 
 
 def check_offload(plan: Plan, *, has_process_group: bool) -> None:
@@ -54,22 +56,29 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-class HostOptimizer:
-    """``optimizer_cls`` stepping fp32 host copies of ``params``; the device keeps the weights.
+class MasterWeightOptimizer:
+    """``optimizer_cls`` stepping fp32 master copies of ``params``; the model keeps its weights.
 
-    A rank's parameters may be tp / FSDP shards (DTensors): only the local shard is copied, so
-    host memory per rank is what the search priced (state / dp under ZeRO).
+    The masters live on ``device`` (``"cpu"``: ZeRO-Offload) or, with ``device=None``, next to
+    each parameter. A rank's parameters may be tp / FSDP shards (DTensors): only the local
+    shard is copied, so memory per rank is what the search priced (state / dp under ZeRO).
     """
 
     def __init__(
-        self, params: Iterable[torch.nn.Parameter], optimizer_cls: type, **kwargs: Any
+        self,
+        params: Iterable[torch.nn.Parameter],
+        optimizer_cls: type,
+        *,
+        device: str | None = "cpu",
+        **kwargs: Any,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
-        pin = any(_local(p).device.type == "cuda" for p in self.params)
+        pin = device == "cpu" and any(_local(p).device.type == "cuda" for p in self.params)
         self.master = [
-            _local(p).detach().to("cpu", torch.float32, copy=True).requires_grad_(True)
+            _local(p).detach().to(device or _local(p).device, torch.float32, copy=True)
+            .requires_grad_(True)
             for p in self.params
-        ]
+        ]  # fmt: skip
         if pin:
             self.master = [m.pin_memory() for m in self.master]
         self.inner = optimizer_cls(self.master, **kwargs)
@@ -93,7 +102,7 @@ class HostOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         for p, m in zip(self.params, self.master):
-            m.grad = None if p.grad is None else _local(p.grad).to("cpu", torch.float32)
+            m.grad = None if p.grad is None else _local(p.grad).to(m.device, torch.float32)
         self.inner.step()
         for p, m in zip(self.params, self.master):
             local = _local(p)

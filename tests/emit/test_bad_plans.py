@@ -170,3 +170,34 @@ def test_a_plan_for_another_model_is_refused():
     with pytest.raises(ConfigError, match="layers") as info:
         build_program(other, plan, other.example_inputs(4))
     assert info.value.field == "layers"
+
+
+def test_a_model_in_another_dtype_than_priced_is_refused():
+    from dataclasses import replace
+
+    import torch
+
+    plan = replace(make_plan(layers=2), dtype="bf16")
+    model = small_gpt(2)  # float32
+    with pytest.raises(ConfigError) as info:
+        validate_plan(plan, world_size=1, model=model)
+    assert info.value.field == "dtype"
+    assert "float32" in str(info.value) and "bf16" in str(info.value)
+    validate_plan(plan, world_size=1, model=model.to(torch.bfloat16))  # cast: applied as priced
+
+
+def test_gradients_priced_in_fp32_for_a_bf16_model_are_refused():
+    from dataclasses import replace
+
+    import torch
+
+    from autopar.plan import Stack
+
+    plan = make_plan(layers=2)
+    plan = replace(plan, dtype="bf16", stack=replace(plan.stack, name="megatron-core",
+                                                     grad_dtype="fp32"))  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        validate_plan(plan, world_size=1, model=small_gpt(2).to(torch.bfloat16))
+    assert info.value.field == "stack.grad_dtype"
+    assert "--grad-dtype bf16" in str(info.value)
+    assert isinstance(plan.stack, Stack)

@@ -2,7 +2,7 @@
 
 * ``full``: the search with ``offload="full"`` (FSDP2's CPU offload under ZeRO-3) on dp x pp.
 * ``optimizer`` + per-block relief: the search with ``offload="optimizer"`` (host optimizer
-  state and step, ``emit.offload.HostOptimizer``) on tp x pp, then one block of the first
+  state and step, ``emit.offload.MasterWeightOptimizer``) on tp x pp, then one block of the first
   stage fully recomputed and one block of the last stage with its saved activations in host
   memory (``recompute_layers`` / ``activation_offload_layers``, what the search's per-stage
   relief writes), so every offload path runs in one step.

@@ -162,3 +162,31 @@ def test_multi_node_dry_run_leaves_master_addr_to_the_shell(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert '--rdzv-endpoint="${MASTER_ADDR}":29500' in line
     assert "--nnodes=2" in line and "--nproc-per-node=2" in line
+
+
+def test_bf16_plan_optimizer_steps_fp32_master_weights():
+    """A 16-bit plan is priced with fp32 master weights in the optimizer state: make_optimizer
+    keeps them, so many small updates accumulate (pure bf16 AdamW would round them away)."""
+    from dataclasses import replace
+
+    from autopar.emit.apply import apply_plan
+    from autopar.emit.offload import MasterWeightOptimizer
+
+    torch.manual_seed(0)
+    model = small_gpt(2).to(torch.bfloat16)
+    plan = replace(make_plan(layers=2), dtype="bf16")
+    pm = apply_plan(model, plan)
+    opt = pm.make_optimizer(torch.optim.SGD, lr=1e-4)
+    assert isinstance(opt, MasterWeightOptimizer)
+    assert all(m.dtype == torch.float32 and m.device == p.device
+               for m, p in zip(opt.master, opt.params))  # fmt: skip
+    p, m = opt.params[0], opt.master[0]
+    start = m.detach().clone()
+    for _ in range(8):
+        opt.zero_grad()
+        p.grad = torch.ones_like(p)
+        opt.step()
+    # 8 steps of 1e-4 move the fp32 master by 8e-4; bf16 alone (8 bits of mantissa) would not
+    # move a weight of magnitude ~1 at all
+    assert torch.allclose(start - m.detach(), torch.full_like(m, 8e-4), atol=1e-5)
+    assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
