@@ -6,7 +6,9 @@ The rows live in ``benchmarks/data/published_training.csv`` (sources and columns
 ``benchmarks/data/README.md``): Korthikanti et al. 2022 (selective recompute and sequence
 parallelism, GPT 22B-1T on Selene), MT-NLG 530B (Selene, up to 3360 GPUs), BLOOM-176B (Jean Zay:
 four 100 Gb/s Omni-Path NICs per node instead of eight 200 Gb/s InfiniBand), Llama 3 405B (H100,
-Meta's RoCE cluster, 8K and 16K GPUs), and, printed but excluded from the statistics, OPT-175B
+Meta's RoCE cluster, 8K and 16K GPUs), NeMo-Megatron's GPT-3 175B on 16-128 DGX A100 nodes,
+FlashAttention-2's end-to-end GPT 1.3B / 2.7B on 8 A100s, and, printed but excluded from the
+statistics, OPT-175B
 (FLOP convention and batch not published) and two NeMo H100 FP8 runs (autopar has no FP8).
 The two cluster files in ``benchmarks/data/topologies`` are written from the papers' hardware
 descriptions.
@@ -15,7 +17,8 @@ How a row is priced: through the CLI's entry point (``benchmarks/cli_pricing.py`
 only. The row's software stack: ``--attention`` from ``attention_kernel`` (``unfused``: the
 score tensor materialised, Megatron-LM / Megatron-DeepSpeed 2021-22; ``fused``: FlashAttention,
 ``--attention flash``), ``--sequence-parallel on|off`` from ``sequence_parallel`` and
-``--overlap-grad-reduce on|off`` from ``overlap_grad_reduce`` where the source states them. Its
+``--overlap-grad-reduce on|off`` from ``overlap_grad_reduce`` and ``--grad-dtype`` from
+``grad_dtype`` where the source states them. Its
 published degrees: ``--tp --pp --dp --micro-batch-size --schedule --recompute --zero``. What
 has no flag (the interleaved schedule's chunks per device) or is not published is left to the
 search, the same rule for every row. If the CLI cannot form the published configuration, pins
@@ -93,6 +96,8 @@ def stack_flags(row: dict[str, str]) -> list[str]:
         flags += ["--sequence-parallel", ON_OFF[row["sequence_parallel"]]]
     if row["overlap_grad_reduce"]:
         flags += ["--overlap-grad-reduce", ON_OFF[row["overlap_grad_reduce"]]]
+    if row["grad_dtype"]:
+        flags += ["--grad-dtype", row["grad_dtype"]]
     return flags
 
 

@@ -29,10 +29,16 @@ search. One set of constants (``cost_models/*.yaml``) prices every row; no row i
   arXiv 2402.15627, abstract) 55.2 % for a 175B model on 12,288 A100s with FlashAttention-2
   and every collective overlapped, 1.34x Megatron-LM's.
 
-* Split ranking (SC21 §5.4, Figure 13): for a 162.2B GPT on 64 A100s, (tp, pp) = (8, 8) beat every
-  other split at batch 32 and 128. The 162.2B shape is not published; the nearest zoo model,
-  GPT-3 175B (96 layers, hidden 12288), is priced instead at each (tp, pp) with tp x pp = 64,
-  ``--stack megatron-2021 --dp 1 --recompute full``, the rest searched. Target: (8, 8) fastest.
+* Split ranking (SC21 §5.4.1, Figure 13): for a 162.2B GPT on 64 A100s, (tp, pp) = (8, 8) beat
+  every other split at batch 32 and 128. The model is the paper's (§5.4.1: 32 layers "to support
+  pipeline-parallel size of 32", 128 attention heads, hidden 20480; 162.2B by the parameter
+  formula below), priced at each (tp, pp) with tp x pp = 64, ``--stack megatron-2021 --dp 1
+  --recompute full``, the rest searched. Target: (8, 8) fastest.
+* Trends (SC21 §5.4.2-5.4.3, Figures 14-15): for a 5.9B GPT (32 layers, 32 heads, hidden 3840)
+  on 64 A100s with micro-batch 1, throughput falls as pp grows at the expense of dp (tp = 1),
+  and as tp grows at the expense of dp (pp = 1), at every batch size. The figures' batch sizes
+  are not in the text; checked at 128 and 512 (at 32, dp = 32 leaves one microbatch per
+  replica: a pipeline cannot form, so only the tp trend is checked there).
 
 Like with like: the paper's TFLOP/s use ``F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))`` (forward
 + recomputed forward + backward), so a predicted step time T gives ``F / (T · gpus)``.
@@ -267,15 +273,16 @@ def free_search(show: bool) -> float | None:
 
 def split_ranking(show: bool) -> bool:
     """SC21 Figure 13's finding: on 64 GPUs (tp, pp) = (8, 8) is the fastest split."""
-    print("\n== Split ranking: GPT-3 175B on 64 A100s (SC21 Figure 13: (8, 8) fastest) ==")
+    print("\n== Split ranking: 162.2B GPT (32 layers, hidden 20480) on 64 A100s "
+          "(SC21 Figure 13: (8, 8) fastest) ==")  # fmt: skip
     ok = True
     for batch in (32, 128):
         times: dict[tuple[int, int], float] = {}
         for tp in (2, 4, 8, 16):
             pins = ["--tp", str(tp), "--pp", str(64 // tp), "--dp", "1", "--recompute", "full"]
             try:
-                plan = plan_via_cli("gpt3-175b", cluster="dgx-a100", nodes=8, global_batch=batch,
-                                    flags=[*STACK, *pins])  # fmt: skip
+                plan = plan_via_cli(model_spec(32, 20480, 128), cluster="dgx-a100", nodes=8,
+                                    global_batch=batch, flags=[*STACK, *pins])  # fmt: skip
             except CliError as e:
                 print(f"  B={batch} tp{tp}: no plan ({e})")
                 continue
@@ -290,11 +297,41 @@ def split_ranking(show: bool) -> bool:
     return ok
 
 
+def trends(show: bool) -> bool:
+    """SC21 Figures 14-15: on 64 GPUs, more pp (or tp) at the expense of dp is slower."""
+    print("\n== Trends: 5.9B GPT (32 layers, hidden 3840) on 64 A100s, micro-batch 1 "
+          "(SC21 Figures 14-15: throughput falls as pp or tp replaces dp) ==")  # fmt: skip
+    ok = True
+    for axis, batches in (("pp", (128, 512)), ("tp", (32, 128, 512))):
+        for batch in batches:
+            times: list[tuple[int, float]] = []
+            for degree in (2, 4, 8, 16, 32):
+                pins = ["--tp", str(degree if axis == "tp" else 1),
+                        "--pp", str(degree if axis == "pp" else 1), "--dp", str(64 // degree),
+                        "--micro-batch-size", "1"]  # fmt: skip
+                try:
+                    plan = plan_via_cli(model_spec(32, 3840, 32), cluster="dgx-a100", nodes=8,
+                                        global_batch=batch, flags=[*STACK, *pins])  # fmt: skip
+                except CliError as e:
+                    print(f"  {axis}={degree} B={batch}: no plan ({e})")
+                    continue
+                times.append((degree, plan.step_time_s))
+                if show:
+                    print("      " + command_line(list(plan.argv)))
+            falls = all(a[1] < b[1] for a, b in zip(times, times[1:])) and len(times) == 5
+            ok = ok and falls
+            shown = ", ".join(f"{axis}{d} {t:.2f} s" for d, t in times)
+            print(f"  B={batch}: {shown}  [slower as {axis} grows: {'yes' if falls else 'NO'}]")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", choices=("1", "2", "both", "none"), default="both")
     ap.add_argument("--no-free", action="store_true", help="skip the 175B free-search MFU check")
-    ap.add_argument("--no-splits", action="store_true", help="skip the split-ranking check")
+    ap.add_argument(
+        "--no-splits", action="store_true", help="skip the split-ranking and trend checks"
+    )
     ap.add_argument("--rows", type=int, default=None, help="only the first N rows of table 1")
     ap.add_argument("--second-cluster", default=None, metavar="TOPOLOGY",
                     help="price every row again on this topology (a second cost model)")  # fmt: skip
@@ -314,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"3D faster than ZeRO-3 in {won} of {len(pairs)} equal-GPU pairs (target: all 5)")
     if not args.no_splits:
         split_ranking(args.commands)
+        trends(args.commands)
     if not args.no_free:
         free_search(args.commands)
     return 0

@@ -52,8 +52,9 @@ Fused attention (FlashAttention, :func:`attention_time_s` with ``kernel="flash"`
         t = overhead(max(flops / (P(dt) * f_attn(phase) * q_a * loop / (loop + kv_half)),
                          bytes of Q, K, V, O (and their gradients) / (B * f_mem)))
 
-    ``f_attn`` is the achieved fraction of peak (``flash_fwd/bwd_peak_fraction``: ~73 % forward
-    and ~63 % backward for FlashAttention-2 on A100, arXiv 2307.08691).
+    ``f_attn`` is the achieved fraction of peak (``flash_fwd/bwd_peak_fraction``: for
+    FlashAttention-2 on A100 ~65 % forward, fitted to sustained-clock measurements, and ~56 %
+    backward; the paper's maxima are 73 % and 63 %, arXiv 2307.08691).
 
 Unfused attention (``kernel="unfused"``: the score tensor materialised)
     The two batched GEMMs ``S = Q K^T`` (m=q, n=kv, k=d) and ``O = P V`` (m=q, n=d, k=kv) priced

@@ -165,10 +165,11 @@ def test_causal_blocks_are_counted_at_tile_granularity():
 
 
 def test_flash_forward_runs_at_the_published_fraction(a100):
-    # FA2's 73 % of 312 TFLOP/s, times the wave fill (32 x 128 query blocks of 128 rows = 4096
-    # thread blocks in 38 waves of 108) and the kv-loop term, plus the launch
+    # the fitted FA2 forward fraction (64.5 % of 312 TFLOP/s, cost_models/a100-sxm4-80gb.yaml),
+    # times the wave fill (32 x 128 query blocks of 128 rows = 4096 thread blocks in 38 waves of
+    # 108) and the kv-loop term, plus the launch
     flops = 4.0 * 32 * 16384 * 16384 * 128
-    rate = 312e12 * 0.73 * (4096 / 4104) * 16384 / (16384 + a100.flash_kv_half)
+    rate = 312e12 * 0.645 * (4096 / 4104) * 16384 / (16384 + a100.flash_kv_half)
     assert _attn(a100, s=16384) == pytest.approx(a100.launch_overhead_s + flops / rate, rel=1e-9)
 
 
@@ -187,7 +188,7 @@ def test_unfused_attention_costs_more_than_flash(a100):
     # the forward's score passes are most of its time; the backward's four GEMMs run at GEMM
     # speed, so the fused softmax backward adds less there
     assert _attn(a100, kernel="unfused") > 2.0 * _attn(a100)
-    assert _attn(a100, kernel="unfused", phase="bwd") > 1.3 * _attn(a100, phase="bwd")
+    assert _attn(a100, kernel="unfused", phase="bwd") > 1.2 * _attn(a100, phase="bwd")
 
 
 def test_unfused_attention_is_its_gemms_plus_one_fused_softmax_pass(a100):

@@ -30,3 +30,19 @@ def test_too_big_is_infeasible_with_memory_figures():
     err = info.value
     assert err.needed_bytes > err.available_bytes > 0
     assert any("hosts" in s for s in err.suggestions)
+
+
+@pytest.mark.parametrize(
+    ("batch", "b", "expected"),
+    [
+        (32, 1, "leaves 2 microbatch(es) per data-parallel replica with pp=4"),  # 32/16 = 2 < 4
+        (48, 2, "do not divide the per-replica batch evenly"),  # 48/16 = 3, not a multiple of 2
+    ],
+)
+def test_pinned_micro_batch_names_the_rule_it_breaks(batch, b, expected):
+    from autopar.solver.candidates import enumerate_shapes, no_shapes_reason
+
+    fixed = {"dp": 16, "tp": 1, "pp": 4, "micro_batch_size": b}
+    kw = dict(world=64, batch=batch, num_blocks=32, fixed=fixed, max_tp=8)
+    assert enumerate_shapes(**kw) == []
+    assert expected in no_shapes_reason(**kw)

@@ -30,7 +30,7 @@ GPU_TILES = ((64, 64), (128, 64), (128, 128), (256, 128))
 #: what each device's fit may choose, and what is held fixed (the README says why)
 SETTINGS: dict[str, dict] = {
     # one published A100-SXM GEMM point (MAMF): tile and k_half are assumptions
-    "a100-sxm4-80gb": dict(tiles=((128, 128),), k_halves=(256,), flash=None),
+    "a100-sxm4-80gb": dict(tiles=((128, 128),), k_halves=(256,), flash="flash2"),
     "h100-sxm5-80gb": dict(tiles=GPU_TILES, k_halves=None, flash="flash3"),
     # RTX 4090: one sequence length for attention, so kv_half is the FA2 value fitted on H100
     "rtx-4090": dict(tiles=GPU_TILES, k_halves=None, flash="flash2", kv_halves=(192,), cap=True),
@@ -141,9 +141,13 @@ def fit_device(device: str, *, kernel: str | None = None) -> None:
             cap_at_peak=cfg.get("cap", False),
         )  # fmt: skip
         cal = fit.calibration
-        print(f"  flash_fwd_peak_fraction {cal.flash_fwd_fraction:.3f}  flash_bwd_peak_fraction "
-              f"{cal.flash_bwd_fraction:.3f}  flash_kv_half {cal.flash_kv_half:g}  (RMS residual "
-              f"{fit.residuals['attention']:.1%})")  # fmt: skip
+
+        def frac(x: float | None) -> str:
+            return "not fitted (no rows)" if x is None else f"{x:.3f}"
+
+        print(f"  flash_fwd_peak_fraction {frac(cal.flash_fwd_fraction)}  flash_bwd_peak_fraction "
+              f"{frac(cal.flash_bwd_fraction)}  flash_kv_half {cal.flash_kv_half:g}  (RMS "
+              f"residual {fit.residuals['attention']:.1%})")  # fmt: skip
         _report(device, base, fit, att, checks)
 
 
