@@ -271,6 +271,19 @@ def free_search(show: bool) -> float | None:
     return plan.mfu
 
 
+def _step_on_64(spec: str, *, batch: int, pins: list[str], label: str, show: bool) -> float | None:
+    """Step time of ``spec`` on 64 A100s (8 DGX hosts) with the SC21 stack and ``pins``."""
+    try:
+        plan = plan_via_cli(spec, cluster="dgx-a100", nodes=8, global_batch=batch,
+                            flags=[*STACK, *pins])  # fmt: skip
+    except CliError as e:
+        print(f"  {label} B={batch}: no plan ({e})")
+        return None
+    if show:
+        print("      " + command_line(list(plan.argv)))
+    return plan.step_time_s
+
+
 def split_ranking(show: bool) -> bool:
     """SC21 Figure 13's finding: on 64 GPUs (tp, pp) = (8, 8) is the fastest split."""
     print("\n== Split ranking: 162.2B GPT (32 layers, hidden 20480) on 64 A100s "
@@ -280,15 +293,10 @@ def split_ranking(show: bool) -> bool:
         times: dict[tuple[int, int], float] = {}
         for tp in (2, 4, 8, 16):
             pins = ["--tp", str(tp), "--pp", str(64 // tp), "--dp", "1", "--recompute", "full"]
-            try:
-                plan = plan_via_cli(model_spec(32, 20480, 128), cluster="dgx-a100", nodes=8,
-                                    global_batch=batch, flags=[*STACK, *pins])  # fmt: skip
-            except CliError as e:
-                print(f"  B={batch} tp{tp}: no plan ({e})")
-                continue
-            times[(tp, 64 // tp)] = plan.step_time_s
-            if show:
-                print("      " + command_line(list(plan.argv)))
+            t = _step_on_64(model_spec(32, 20480, 128), batch=batch, pins=pins, label=f"tp{tp}",
+                            show=show)  # fmt: skip
+            if t is not None:
+                times[(tp, 64 // tp)] = t
         order = sorted(times, key=times.__getitem__)
         best = bool(order) and order[0] == (8, 8)
         ok = ok and best
@@ -309,15 +317,10 @@ def trends(show: bool) -> bool:
                 pins = ["--tp", str(degree if axis == "tp" else 1),
                         "--pp", str(degree if axis == "pp" else 1), "--dp", str(64 // degree),
                         "--micro-batch-size", "1"]  # fmt: skip
-                try:
-                    plan = plan_via_cli(model_spec(32, 3840, 32), cluster="dgx-a100", nodes=8,
-                                        global_batch=batch, flags=[*STACK, *pins])  # fmt: skip
-                except CliError as e:
-                    print(f"  {axis}={degree} B={batch}: no plan ({e})")
-                    continue
-                times.append((degree, plan.step_time_s))
-                if show:
-                    print("      " + command_line(list(plan.argv)))
+                t = _step_on_64(model_spec(32, 3840, 32), batch=batch, pins=pins,
+                                label=f"{axis}={degree}", show=show)  # fmt: skip
+                if t is not None:
+                    times.append((degree, t))
             falls = all(a[1] < b[1] for a, b in zip(times, times[1:])) and len(times) == 5
             ok = ok and falls
             shown = ", ".join(f"{axis}{d} {t:.2f} s" for d, t in times)
