@@ -23,13 +23,14 @@ SPEC = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq_len=16"
 
 
 @pytest.mark.distributed
-def test_plan_then_launch_trains_and_the_loss_falls(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the model cast, fp32 master weights
+def test_plan_then_launch_trains_and_the_loss_falls(tmp_path, monkeypatch, dtype):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cluster = four_device_cluster(tmp_path)
     plan_path = tmp_path / "plan.json"
     cli = [sys.executable, "-m", "autopar.cli"]
     subprocess.run(
-        [*cli, "plan", SPEC, "--cluster", str(cluster), "--global-batch", "8", "--dtype", "fp32",
+        [*cli, "plan", SPEC, "--cluster", str(cluster), "--global-batch", "8", "--dtype", dtype,
          "--tp", "2", "--json", str(plan_path), "--quiet"],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
