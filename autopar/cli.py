@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation offload")  # fmt: skip
     stack = p.add_argument_group("software stack the plan is priced for")
     stack.add_argument("--stack", choices=tuple(STACKS), default=None,
-                       help="preset setting the four flags below (each has a source)")  # fmt: skip
+                       help="preset setting the four flags below and the recompute kinds searched "
+                            "(each has a source; explicit flags win)")  # fmt: skip
     stack.add_argument("--attention", choices=("flash", "unfused"), default=None,
                        help="attention kernel (default flash)")  # fmt: skip
     stack.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default=None,

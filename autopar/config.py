@@ -35,16 +35,19 @@ STACKS: dict[str, dict[str, object]] = {
         "sequence_parallel": "off",
         "overlap_grad_reduce": False,
         "grad_dtype": None,
+        "recompute": ("none", "full"),
         "source": "Megatron-LM as measured in Narayanan et al., SC21 (arXiv 2104.04473): "
         "attention materialises the score tensor (fused scale-mask-softmax kernel, no "
-        "FlashAttention), no sequence parallelism (added in 2022), data-parallel gradient "
-        "all-reduce after the pipeline flush, gradients in the fp16 training dtype",
+        "FlashAttention), no sequence parallelism and no selective recompute (both added in "
+        "2022, Korthikanti et al., arXiv 2205.05198), data-parallel gradient all-reduce after "
+        "the pipeline flush, gradients in the fp16 training dtype",
     },
     "megatron-core": {
         "attention": "flash",
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
+        "recompute": ("none", "selective", "full"),
         "source": "Megatron-Core (NVIDIA/Megatron-LM core_v0.x): Transformer Engine fused "
         "attention, --sequence-parallel with tensor parallelism, --overlap-grad-reduce "
         "--overlap-param-gather with --use-distributed-optimizer; with --bf16 gradients are "
@@ -56,6 +59,7 @@ STACKS: dict[str, dict[str, object]] = {
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
+        "recompute": ("none", "selective", "full"),
         "source": "torchtitan 0.3 (pytorch/torchtitan): F.scaled_dot_product_attention "
         "(flash / cuDNN kernels), sequence parallel applied with tensor parallel, FSDP2 "
         "reduce-scatter overlapped with backward, in fp32 (training.mixed_precision_reduce "
@@ -124,8 +128,9 @@ class TrainingConfig:
     None turns it off. Priced: one pass over the gradients for their norm, a scalar
     all-reduce over every rank, one pass to scale them."""
     stack: str | None = None
-    """A software-stack preset (``STACKS``) setting the four fields below together; a field
-    given explicitly wins over the preset."""
+    """A software-stack preset (``STACKS``) setting the four fields below together (a field
+    given explicitly wins over the preset) and the recompute kinds the search may choose (a
+    recompute pinned in the search wins)."""
     attention: Attention | None = None
     """How attention runs: ``flash`` (fused kernel, the default) or ``unfused`` (scores
     materialised in memory)."""
@@ -218,6 +223,13 @@ class TrainingConfig:
     def overlaps_grad_reduce(self) -> bool:
         """Whether dp gradient reduction overlaps backward, after the stack preset."""
         return bool(self._stacked("overlap_grad_reduce", True))
+
+    @property
+    def recompute_options(self) -> tuple[str, ...]:
+        """Activation recompute kinds the stack offers the search (every kind without one)."""
+        if self.stack is None:
+            return ("none", "selective", "full")
+        return tuple(STACKS[self.stack]["recompute"])  # type: ignore[arg-type]
 
     @property
     def grad_dtype_name(self) -> str:

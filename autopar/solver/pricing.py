@@ -130,6 +130,8 @@ class PricingContext:
     p2p_s: Callable[[Shape, float], float]
     """Seconds to send one stage boundary's activation (all dp x tp pairs at once)."""
     overlap_grad_reduce: bool = True
+    recompute_options: tuple[str, ...] = RECOMPUTE
+    """Recompute kinds searched when none is pinned (the stack's: ``TrainingConfig``)."""
     fixed: dict[str, Any] = field(default_factory=dict)
     host: HostRates | None = None
     """Host memory and links per device; None when offload is not searched."""
@@ -858,7 +860,7 @@ def price_shape(
     first = ctx.offload_modes[0]  # "none" unless the user pinned an offload mode
     modes = (first,) if phase == "plain" else ctx.offload_modes
     reliefs = () if phase == "plain" else ctx.reliefs
-    for recompute in _options(fixed, "recompute", RECOMPUTE):
+    for recompute in _options(fixed, "recompute", ctx.recompute_options):
         fits_any = False
         for offload in modes:
             usable = [z for z in zeros if z == 0] or zeros[:1] if shape.dp == 1 else zeros

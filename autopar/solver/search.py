@@ -593,6 +593,7 @@ def _search(
         optimizer_line=_optimizer_line(cluster, config),
         p2p_s=ctx.p2p_s,
         overlap_grad_reduce=config.overlaps_grad_reduce,
+        recompute_options=config.recompute_options,
         fixed=fixed,
         optimizer_state_bytes=float(config.optimizer_state_bytes),
         host=host,

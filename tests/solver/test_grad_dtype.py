@@ -1,5 +1,6 @@
-"""Gradients accumulated and reduced in fp32 under bf16 training (Megatron-LM's and torchtitan's
-default): priced in memory, data-parallel traffic and the plan's stack."""
+"""The software stack a plan is priced for: gradients accumulated and reduced in fp32 under bf16
+training (Megatron-LM's and torchtitan's default), priced in memory, data-parallel traffic and the
+plan's stack; the recompute kinds a stack can run."""
 
 from __future__ import annotations
 
@@ -74,3 +75,23 @@ def test_unknown_gradient_dtype_names_the_allowed_ones() -> None:
     with pytest.raises(ConfigError) as exc:
         TrainingConfig(grad_dtype="int8")
     assert exc.value.field == "grad_dtype" and "fp32" in exc.value.allowed
+
+
+def test_a_stack_limits_the_recompute_kinds_searched_unless_pinned():
+    """Megatron-LM 2021 has no selective recompute: its preset never lets the search pick it,
+    an explicit --recompute still does; the other stacks search every kind."""
+    assert TrainingConfig(stack="megatron-2021").recompute_options == ("none", "full")
+    assert TrainingConfig(stack="megatron-core").recompute_options == ("none", "selective", "full")
+    assert TrainingConfig().recompute_options == ("none", "selective", "full")
+    model = gpt(layers=4, hidden=512, heads=8, vocab=1024, seq_len=1024)
+    cluster = load_cluster("dgx-a100", nodes=1)
+    fixed = {"tp": 2, "pp": 1, "dp": 4, "zero": 1}
+    kw = dict(fixed=fixed, progress=False, top_k=50)
+    free = search(model, cluster, TrainingConfig(global_batch=64, stack="megatron-2021"), **kw)
+    kinds = {free.recompute} | {a.recompute for a in free.alternatives}
+    assert "selective" not in kinds and {"none", "full"} <= kinds
+    pinned = search(model, cluster, TrainingConfig(global_batch=64, stack="megatron-2021"),
+                    fixed={**fixed, "recompute": "selective"}, progress=False)  # fmt: skip
+    assert pinned.recompute == "selective"
+    other = search(model, cluster, TrainingConfig(global_batch=64, stack="megatron-core"), **kw)
+    assert "selective" in {other.recompute} | {a.recompute for a in other.alternatives}
