@@ -122,17 +122,18 @@ def _check_dtypes(plan: Plan, params: Mapping[str, torch.Tensor]) -> None:
     under a bf16 plan would run, and need twice the memory the plan priced; a plan priced with
     fp32 gradients for a bf16 model (``--stack megatron-core``) would keep them in bf16.
     """
-    want = _TORCH_DTYPE.get(plan.dtype)
+    want = _TORCH_DTYPE[plan.dtype]
     other = sorted(
-        {(str(p.dtype).removeprefix("torch."), n) for n, p in params.items()
+        {(n, str(p.dtype).removeprefix("torch.")) for n, p in params.items()
          if p.is_floating_point() and p.dtype != want}
     )  # fmt: skip
-    if want is not None and other:
-        dtype, name = other[0]
+    if other:
+        name, dtype = other[0]
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
         raise ConfigError(
-            f"the plan was priced for {plan.dtype} training but parameter {name!r} (and "
-            f"{len(other) - 1} more) is {dtype}: cast the model first "
-            f"(model.to({want})) or re-plan with --dtype matching the model",
+            f"the plan was priced for {plan.dtype} training but parameter {name!r}{more} is "
+            f"{dtype}: cast the model first (model.to({want})) or re-plan with --dtype matching "
+            "the model",
             field="dtype",
             allowed=(plan.dtype,),
         )

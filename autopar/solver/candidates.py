@@ -171,10 +171,10 @@ def no_shapes_reason(
     b = fixed.get("micro_batch_size")
     fits = [(pp, batch // dp // b) for _, pp, dp in dps if b and batch % dp == 0
             and (batch // dp) % b == 0]  # fmt: skip
-    if fits and all(pp > 1 and m < pp for pp, m in fits):
-        pp, m = fits[0]
+    if fits and all(pp > 1 and mb < pp for pp, mb in fits):
+        pp, mb = fits[0]
         return (
-            f"micro_batch_size={b} leaves {m} microbatch(es) per data-parallel replica with "
+            f"micro_batch_size={b} leaves {mb} microbatch(es) per data-parallel replica with "
             f"pp={pp}: fewer microbatches than stages (a pipeline needs at least one per "
             "stage; raise the global batch or lower dp / the micro-batch size)"
         )

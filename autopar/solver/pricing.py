@@ -550,8 +550,8 @@ def _evaluate(
     if offload == "optimizer":
         h = ctx.host
         assert h is not None
-        # ZeRO-Offload as the emitter runs it (emit.offload.MasterWeightOptimizer): after backward the
-        # gradients go to the host, the CPU updates, the new weights come back
+        # ZeRO-Offload as the emitter runs it (emit.offload.MasterWeightOptimizer): after
+        # backward the gradients go to the host, the CPU updates, the new weights come back
         grads_dev = params_dev * ctx.grad_bytes
         offload_tail = (
             params_dev / h.cpu_adam_params_per_s
