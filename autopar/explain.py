@@ -342,6 +342,19 @@ def render(plan: Plan) -> str:
     if plan.unknown_ops:
         shown = ", ".join(f"{op} x{n}" for op, n in sorted(plan.unknown_ops.items()))
         lines += ["", f"ops without a sharding rule (run replicated): {shown}"]
+    if plan.indivisible_params:
+        tp = plan.parallel.tp
+        shown = "; ".join(
+            f"{name} {tuple(dims)}, "
+            + ", ".join(f"dim {i} = {d}" for i, d in enumerate(dims) if d % tp)
+            for name, dims in sorted(plan.indivisible_params.items())
+        )
+        lines += [
+            "",
+            f"whole on every tp rank, a dimension does not divide by tp={tp}: {shown}. Splits "
+            f"are even: padding that dimension (e.g. the vocabulary) to a multiple of {tp} would "
+            "let it split",
+        ]
     if plan.solver:
         s = plan.solver
         parts = [f"{k}={v}" for k, v in s.items() if not isinstance(v, dict | list)]

@@ -310,6 +310,10 @@ class Plan:
     """Per layer signature: its ops' tp layouts in graph order (empty when tp == 1)."""
     unknown_ops: dict[str, int] = field(default_factory=dict)
     """Ops no sharding rule knows (aten name -> count in the model): run replicated."""
+    indivisible_params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Weight matrices replicated over tp with a dimension tp does not divide (name -> shape):
+    e.g. a 50257-row vocabulary at tp 4 cannot be split by rows (the sharding rules split
+    evenly). Padding that dimension would offer the split."""
     predicted: Prediction | None = None
     alternatives: tuple[Alternative, ...] = ()
     landscape: tuple[Alternative, ...] = ()

@@ -973,6 +973,16 @@ def _facts_section(plan: Plan, cluster: Cluster | None) -> _Section:
         + (_table(("fact", "value"), solver_rows) if solver_rows else "<p>-</p>")
         + "<h3>Ops without a sharding rule (run replicated)</h3>"
         + unknown
+        + (
+            f"<h3>Whole on every tp rank (a dimension does not divide by tp={plan.parallel.tp})"
+            "</h3>"
+            + _table(
+                ("parameter", "shape"),
+                [(n, " x ".join(map(str, d))) for n, d in sorted(plan.indivisible_params.items())],
+            )
+            if plan.indivisible_params
+            else ""
+        )
         + "<details><summary>The plan as <code>autopar explain</code> prints it</summary>"
         + f"<pre>{html.escape(render(plan))}</pre></details>"
     )

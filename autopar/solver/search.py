@@ -1008,16 +1008,30 @@ def _build_plan(
     placements: dict[str, tuple[str, ...]] = {}
     layouts: dict[str, tuple[OpPlacement, ...]] = {}
     unknown: dict[str, int] = {}
+    indivisible: dict[str, tuple[int, ...]] = {}
     rep = ctx.representative()
     storage = "S(0)" if win.zero == 3 and shape.dp > 1 else "R"
     for layer in model.layers:
         price = ctx.layer_price(layer, shape.tp, shape.b, win.sequence_parallel, win.variant)
         inner_to_real = dict(zip(rep[layer.signature].graph_params, layer.params))
+        shapes = {
+            n.params[0]: tuple(int(d) for d in n.output.shape)
+            for n in rep[layer.signature].graph
+            if n.kind == "param" and n.params and n.output is not None
+        }
         for inner, tp_text in price.placements.items():
             real = inner_to_real.get(inner)
             if real is None:
                 real = inner  # a tied weight: named by its owner, placed by the owner first
             placements.setdefault(real, (storage, tp_text))
+            dims = shapes.get(inner, ())
+            if (
+                shape.tp > 1
+                and tp_text == "R"
+                and len(dims) >= 2
+                and any(d % shape.tp for d in dims)
+            ):
+                indivisible.setdefault(real, dims)
         if shape.tp > 1 and layer.signature not in layouts:
             layouts[layer.signature] = tuple(
                 OpPlacement(op=o.op, inputs=o.inputs, output=o.output, core=o.core, loss=o.loss)
@@ -1094,6 +1108,7 @@ def _build_plan(
         placements=placements,
         layouts=layouts,
         unknown_ops=unknown,
+        indivisible_params=indivisible,
         predicted=replace(
             _prediction(ctx, win),
             stages=tuple(details[0]),

@@ -214,3 +214,22 @@ def test_an_lstm_plans_conservatively():
     plan = search(model, load_cluster("dgx-a100", nodes=1), TrainingConfig(global_batch=64),
                   fixed={"tp": 1}, progress=False)  # fmt: skip
     assert plan.parallel.dp == 8 and plan.predicted.step_time_s > 0
+
+
+def test_a_vocabulary_tp_does_not_divide_is_reported_not_silently_replicated():
+    """Splits are even, so a 1001-row table cannot be split by rows at tp 4: the plan names it
+    with its shape (explain says which dimension and that padding would offer the split); a
+    1024-row table raises nothing."""
+    from autopar.explain import render
+    from autopar.plan import Plan
+
+    cluster = load_cluster("dgx-a100", nodes=1)
+    cfg = TrainingConfig(global_batch=16, seq_len=64)
+    odd = search(gpt(layers=2, hidden=128, heads=4, vocab=1001, seq_len=64), cluster, cfg,
+                 fixed={"tp": 4, "pp": 1}, progress=False)  # fmt: skip
+    assert odd.indivisible_params == {"tok_embed.weight": (1001, 128)}
+    assert "tok_embed.weight (1001, 128), dim 0 = 1001" in render(odd)
+    assert Plan.from_json(odd.to_json()).indivisible_params == odd.indivisible_params
+    even = search(gpt(layers=2, hidden=128, heads=4, vocab=1024, seq_len=64), cluster, cfg,
+                  fixed={"tp": 4, "pp": 1}, progress=False)  # fmt: skip
+    assert even.indivisible_params == {}
