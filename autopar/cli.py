@@ -32,6 +32,7 @@ FIXED_FLAGS = (
     "recompute",
     "zero",
     "schedule",
+    "virtual_stages",
 )
 
 
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     fixed.add_argument("--recompute", choices=("none", "selective", "full"), default=None)
     fixed.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=None, help="ZeRO stage")
     fixed.add_argument("--schedule", choices=("gpipe", "1f1b", "interleaved_1f1b"), default=None)
+    fixed.add_argument("--virtual-stages", type=int, default=None,
+                       help="model chunks per device of interleaved_1f1b (Megatron's virtual "
+                            "pipeline size)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
 
     e = sub.add_parser("explain", help="re-render a saved plan")

@@ -19,10 +19,10 @@ score tensor materialised, Megatron-LM / Megatron-DeepSpeed 2021-22; ``fused``: 
 ``--attention flash``), ``--sequence-parallel on|off`` from ``sequence_parallel`` and
 ``--overlap-grad-reduce on|off`` from ``overlap_grad_reduce`` and ``--grad-dtype`` from
 ``grad_dtype`` where the source states them. Its
-published degrees: ``--tp --pp --dp --micro-batch-size --schedule --recompute --zero``. What
-has no flag (the interleaved schedule's chunks per device) or is not published is left to the
-search, the same rule for every row. If the CLI cannot form the published configuration, pins
-are released in a fixed order (schedule, recompute, ZeRO) and the row says so.
+published degrees: ``--tp --pp --dp --micro-batch-size --schedule --virtual-stages --recompute
+--zero``. What is not published is left to the search, the same rule for every row. If the CLI
+cannot form the published configuration, pins are released in a fixed order (chunks per device,
+schedule, recompute, ZeRO) and the row says so.
 
 Like with like (the ``metric`` column):
 
@@ -64,7 +64,7 @@ INT_FLAGS = (("tp", "--tp"), ("pp", "--pp"), ("dp", "--dp"), ("micro_batch", "--
 ATTENTION = {"unfused": "unfused", "fused": "flash"}
 ON_OFF = {"true": "on", "false": "off"}
 #: pins released, in this order, when the CLI cannot form the published configuration
-RELEASE = ("--schedule", "--recompute", "--zero")
+RELEASE = ("--virtual-stages", "--schedule", "--recompute", "--zero")
 
 
 def read_rows(path: Path = CSV_PATH) -> list[dict[str, str]]:
@@ -109,6 +109,8 @@ def degree_flags(row: dict[str, str]) -> list[str]:
             flags += [flag, str(int(row[col]))]
     if row["schedule"]:
         flags += ["--schedule", row["schedule"]]
+    if row["virtual_stages"] and row["schedule"] == "interleaved_1f1b":
+        flags += ["--virtual-stages", str(int(row["virtual_stages"]))]
     if row["recompute"]:
         flags += ["--recompute", row["recompute"]]
     return flags

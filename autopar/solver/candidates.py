@@ -97,6 +97,13 @@ def check_fixed(fixed: dict[str, Any] | None) -> dict[str, Any]:
             isinstance(v, bool) or not isinstance(v, int) or v < 1
         ):
             raise ConfigError(f"must be a positive integer, got {v!r}", field=f"fixed.{k}")
+    v = fixed.get("virtual_stages", 1)
+    if v > 1 and fixed.get("schedule", "interleaved_1f1b") != "interleaved_1f1b":
+        raise ConfigError(
+            f"virtual_stages={v} (model chunks per device) needs the interleaved_1f1b schedule, "
+            f"not {fixed['schedule']!r}",
+            field="fixed.virtual_stages",
+        )
     return fixed
 
 

@@ -46,3 +46,17 @@ def test_pinned_micro_batch_names_the_rule_it_breaks(batch, b, expected):
     kw = dict(world=64, batch=batch, num_blocks=32, fixed=fixed, max_tp=8)
     assert enumerate_shapes(**kw) == []
     assert expected in no_shapes_reason(**kw)
+
+
+def test_pinned_chunks_per_device_mean_the_interleaved_schedule():
+    from autopar.solver.candidates import check_fixed
+
+    with pytest.raises(ConfigError, match="needs the interleaved_1f1b schedule") as info:
+        check_fixed({"schedule": "1f1b", "virtual_stages": 3})
+    assert info.value.field == "fixed.virtual_stages"
+    model = gpt(layers=12, hidden=256, heads=4, vocab=1000, seq_len=128)
+    cluster = load_cluster("dgx-a100", nodes=1)
+    plan = search(model, cluster, TrainingConfig(global_batch=64),
+                  fixed={"virtual_stages": 3}, progress=False)  # fmt: skip
+    assert plan.parallel.pp > 1  # chunks per device need a pipeline
+    assert plan.schedule == "interleaved_1f1b" and plan.virtual_stages == 3
