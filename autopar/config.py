@@ -15,6 +15,7 @@ __all__ = [
     "SequenceParallel",
     "Offload",
     "STACKS",
+    "RECOMPUTE_KINDS",
     "DTYPE_BYTES",
     "OPTIMIZER_STATE_BYTES",
     "OPTIMIZER_STEP_PASSES",
@@ -27,6 +28,8 @@ Optimizer = Literal[
 Offload = Literal["auto", "none", "optimizer", "full"]
 Attention = Literal["flash", "unfused"]
 SequenceParallel = Literal["auto", "on", "off"]
+#: activation recompute kinds: none, the attention core (selective), whole blocks (full)
+RECOMPUTE_KINDS = ("none", "selective", "full")
 
 #: Software stacks a plan can be priced for: what each sets, and where that comes from.
 STACKS: dict[str, dict[str, object]] = {
@@ -47,7 +50,7 @@ STACKS: dict[str, dict[str, object]] = {
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
-        "recompute": ("none", "selective", "full"),
+        "recompute": RECOMPUTE_KINDS,
         "source": "Megatron-Core (NVIDIA/Megatron-LM core_v0.x): Transformer Engine fused "
         "attention, --sequence-parallel with tensor parallelism, --overlap-grad-reduce "
         "--overlap-param-gather with --use-distributed-optimizer; with --bf16 gradients are "
@@ -59,7 +62,7 @@ STACKS: dict[str, dict[str, object]] = {
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
-        "recompute": ("none", "selective", "full"),
+        "recompute": RECOMPUTE_KINDS,
         "source": "torchtitan 0.3 (pytorch/torchtitan): F.scaled_dot_product_attention "
         "(flash / cuDNN kernels), sequence parallel applied with tensor parallel, FSDP2 "
         "reduce-scatter overlapped with backward, in fp32 (training.mixed_precision_reduce "
@@ -228,7 +231,7 @@ class TrainingConfig:
     def recompute_options(self) -> tuple[str, ...]:
         """Activation recompute kinds the stack offers the search (every kind without one)."""
         if self.stack is None:
-            return ("none", "selective", "full")
+            return RECOMPUTE_KINDS
         return tuple(STACKS[self.stack]["recompute"])  # type: ignore[arg-type]
 
     @property
@@ -240,6 +243,11 @@ class TrainingConfig:
     def grad_bytes(self) -> int:
         """Bytes per gradient element."""
         return DTYPE_BYTES[self.grad_dtype_name]
+
+    @property
+    def state_bytes_per_param(self) -> float:
+        """Weight + gradient + optimizer-state bytes of one parameter, before any ZeRO split."""
+        return self.dtype_bytes + self.grad_bytes + self.optimizer_state_bytes
 
     @property
     def dtype_bytes(self) -> int:

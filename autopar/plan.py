@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from autopar.config import Optimizer
+from autopar.config import RECOMPUTE_KINDS, Optimizer
 from autopar.errors import ConfigError
 
 __all__ = [
@@ -429,7 +429,7 @@ OPTIMIZERS = typing.get_args(Optimizer)
 OFFLOAD_MODES = ("none", "optimizer", "full")
 OFFLOAD_DEVICES = ("cpu", "nvme")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = RECOMPUTE_KINDS
 ZERO_STAGES = (0, 1, 2, 3)
 LAYER_KINDS = ("embed", "block", "head")
 ATTENTION_KERNELS = ("flash", "unfused")

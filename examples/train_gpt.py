@@ -25,6 +25,7 @@ import torch.distributed as dist
 from autopar.emit.apply import apply_plan
 from autopar.emit.launch import PLAN_ENV
 from autopar.models import parse_model_spec
+from autopar.models.zoo import DTYPES
 from autopar.plan import Plan
 
 
@@ -72,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.manual_seed(args.seed)  # same initial weights on every rank
         # the dtype the plan was priced for (apply_plan refuses a model in another one)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.dtype, torch.float32)
-        model = parse_model_spec(spec, device="cpu").to(dtype)
+        model = parse_model_spec(spec, device="cpu").to(DTYPES[plan.dtype])
         vocab = next(m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding))
         pm = apply_plan(model, plan)
         opt = pm.make_optimizer(torch.optim.AdamW, lr=args.lr)  # fp32 masters for 16-bit plans

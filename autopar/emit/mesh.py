@@ -111,9 +111,6 @@ def validate_plan(
         _check_placements(plan, params)
 
 
-_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def _check_dtypes(plan: Plan, params: Mapping[str, torch.Tensor]) -> None:
     """The model trains in the dtype the plan was priced for, and keeps gradients in it.
 
@@ -122,7 +119,9 @@ def _check_dtypes(plan: Plan, params: Mapping[str, torch.Tensor]) -> None:
     under a bf16 plan would run, and need twice the memory the plan priced; a plan priced with
     fp32 gradients for a bf16 model (``--stack megatron-core``) would keep them in bf16.
     """
-    want = _TORCH_DTYPE[plan.dtype]
+    from autopar.models.zoo import DTYPES
+
+    want = DTYPES[plan.dtype]
     other = sorted(
         {(n, str(p.dtype).removeprefix("torch.")) for n, p in params.items()
          if p.is_floating_point() and p.dtype != want}

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from autopar.config import RECOMPUTE_KINDS
 from autopar.errors import ConfigError
 
 __all__ = [
@@ -37,7 +38,7 @@ FIXED_KEYS = (
     "virtual_stages", "sequence_parallel",
 )  # fmt: skip
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_KINDS
 ZERO_STAGES = (0, 1, 2, 3)
 MAX_MICRO_BATCH = 64
 

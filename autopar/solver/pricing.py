@@ -842,13 +842,14 @@ def price_shape(
     blocks = ctx.blocks
     pp = shape.pp
     base = _base(ctx, shape, costs)
-    searched = ("1f1b", "interleaved_1f1b") if pp > 1 else ("1f1b",)
-    if fixed.get("virtual_stages", 1) > 1:
-        searched = ("interleaved_1f1b",)  # chunks per device pinned: the interleaved schedule
+    if fixed.get("virtual_stages", 1) > 1:  # chunks per device pinned: interleaved 1F1B
+        if pp == 1:
+            return []  # model chunks per device need a pipeline
+        searched: tuple[str, ...] = ("interleaved_1f1b",)
+    else:
+        searched = ("1f1b", "interleaved_1f1b") if pp > 1 else ("1f1b",)
     schedules = _options(fixed, "schedule", searched)
     if pp == 1:
-        if fixed.get("virtual_stages", 1) > 1:
-            return []  # model chunks per device need a pipeline
         schedules = [s for s in schedules if s != "interleaved_1f1b"] or ["1f1b"]
     zeros = _options(fixed, "zero", ZERO_STAGES)
     uniform = _uniform_owner(n, blocks, pp) if blocks else np.zeros(n, dtype=np.int64)

@@ -151,9 +151,7 @@ class _Context:
         from autopar.sharding.layer_plan import choose_layer
 
         cfg = self.config
-        multiplier = (
-            cfg.dtype_bytes + cfg.grad_bytes + cfg.optimizer_state_bytes
-        ) / cfg.dtype_bytes
+        multiplier = cfg.state_bytes_per_param / cfg.dtype_bytes
         owner_layout: dict[str, str] = {}
         out: dict[str, Any] = {}
         for layer in self.model.layers:
@@ -807,9 +805,7 @@ def _infeasible(
     least = (
         min(need)
         if need
-        else float(model.param_count)
-        * (config.dtype_bytes + config.grad_bytes + config.optimizer_state_bytes)
-        / max(1, cluster.num_devices)
+        else float(model.param_count) * config.state_bytes_per_param / max(1, cluster.num_devices)
     )
     return InfeasibleError(
         f"{model.name} ({model.param_count / 1e9:.2f}B parameters) does not fit on "
@@ -1010,21 +1006,25 @@ def _build_plan(
     unknown: dict[str, int] = {}
     indivisible: dict[str, tuple[int, ...]] = {}
     rep = ctx.representative()
+    # parameter shapes of each distinct layer (to name weights tp cannot split evenly)
+    shapes = {
+        sig: {
+            n.params[0]: tuple(int(d) for d in n.output.shape)
+            for n in layer.graph
+            if n.kind == "param" and n.params and n.output is not None
+        }
+        for sig, layer in rep.items()
+    }
     storage = "S(0)" if win.zero == 3 and shape.dp > 1 else "R"
     for layer in model.layers:
         price = ctx.layer_price(layer, shape.tp, shape.b, win.sequence_parallel, win.variant)
         inner_to_real = dict(zip(rep[layer.signature].graph_params, layer.params))
-        shapes = {
-            n.params[0]: tuple(int(d) for d in n.output.shape)
-            for n in rep[layer.signature].graph
-            if n.kind == "param" and n.params and n.output is not None
-        }
         for inner, tp_text in price.placements.items():
             real = inner_to_real.get(inner)
             if real is None:
                 real = inner  # a tied weight: named by its owner, placed by the owner first
             placements.setdefault(real, (storage, tp_text))
-            dims = shapes.get(inner, ())
+            dims = shapes[layer.signature].get(inner, ())
             if (
                 shape.tp > 1
                 and tp_text == "R"
