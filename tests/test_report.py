@@ -136,6 +136,15 @@ def test_facts_list_stack_solver_and_unknown_ops(gpt3):
         assert f"<td>{key}</td><td>{plan.solver[key]}</td>" in text
 
 
+def test_facts_list_weights_tp_cannot_split(gpt3):
+    plan, cluster = gpt3
+    assert "Whole on every tp rank" not in render_html(plan, cluster=cluster)
+    plan = dataclasses.replace(plan, indivisible_params={"tok_embed.weight": (50257, 12288)})
+    text = render_html(plan, cluster=cluster)
+    assert f"Whole on every tp rank (a dimension does not divide by tp={plan.parallel.tp})" in text
+    assert "<td>tok_embed.weight</td><td>50257 x 12288</td>" in text
+
+
 def test_a_plan_read_back_from_json_gives_the_same_page(gpt3, gpt3_html):
     plan, cluster = gpt3
     _, text = gpt3_html
