@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "activation offload")  # fmt: skip
     stack = p.add_argument_group("software stack the plan is priced for")
     stack.add_argument("--stack", choices=tuple(STACKS), default=None,
-                       help="preset setting the four flags below and the recompute kinds searched "
+                       help="preset setting the five flags below and the recompute kinds searched "
                             "(each has a source; explicit flags win)")  # fmt: skip
     stack.add_argument("--attention", choices=("flash", "unfused"), default=None,
                        help="attention kernel (default flash)")  # fmt: skip
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--grad-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                        help="dtype gradients are accumulated and reduced in (default: --dtype; "
                        "fp32 with --stack megatron-core or torchtitan)")  # fmt: skip
+    stack.add_argument("--pipeline-scatter-gather", choices=("on", "off"), default=None,
+                       help="a pipeline send replicated over tp goes as 1/tp per rank and is "
+                       "all-gathered on arrival (Megatron-LM 2021-22; default off, on with "
+                       "--stack megatron-2021)")  # fmt: skip
     p.add_argument("--top", type=int, default=5, help="runners-up to show (default 5)")
     p.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
     p.add_argument("--report", type=Path, default=None,
@@ -204,6 +208,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         )
     batch = {} if args.global_batch is None else {"global_batch": args.global_batch}
     overlap = None if args.overlap_grad_reduce is None else args.overlap_grad_reduce == "on"
+    sg = args.pipeline_scatter_gather
     config = TrainingConfig(
         **batch,  # unset: TrainingConfig's own default
         seq_len=args.seq,
@@ -215,6 +220,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         sequence_parallel=args.sequence_parallel,
         overlap_grad_reduce=overlap,
         grad_dtype=args.grad_dtype,
+        pipeline_scatter_gather=None if sg is None else sg == "on",
     )
     fixed = {k: getattr(args, k) for k in FIXED_FLAGS if getattr(args, k) is not None}
     user_files = _user_files(model, args.model, args.example_inputs)

@@ -38,35 +38,40 @@ STACKS: dict[str, dict[str, object]] = {
         "sequence_parallel": "off",
         "overlap_grad_reduce": False,
         "grad_dtype": None,
+        "pipeline_scatter_gather": True,
         "recompute": ("none", "full"),
         "source": "Megatron-LM as measured in Narayanan et al., SC21 (arXiv 2104.04473): "
         "attention materialises the score tensor (fused scale-mask-softmax kernel, no "
         "FlashAttention), no sequence parallelism and no selective recompute (both added in "
         "2022, Korthikanti et al., arXiv 2205.05198), data-parallel gradient all-reduce after "
-        "the pipeline flush, gradients in the fp16 training dtype",
+        "the pipeline flush, gradients in the fp16 training dtype, and each pipeline send split over the "
+        "tensor-parallel ranks and all-gathered over NVLink on arrival (§4.1, scatter/gather)",
     },
     "megatron-core": {
         "attention": "flash",
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
+        "pipeline_scatter_gather": False,
         "recompute": RECOMPUTE_KINDS,
         "source": "Megatron-Core (NVIDIA/Megatron-LM core_v0.x): Transformer Engine fused "
         "attention, --sequence-parallel with tensor parallelism, --overlap-grad-reduce "
         "--overlap-param-gather with --use-distributed-optimizer; with --bf16 gradients are "
         "accumulated and reduced in fp32 main-grad buffers (megatron/training/arguments.py "
-        "turns on --accumulate-allreduce-grads-in-fp32)",
+        "turns on --accumulate-allreduce-grads-in-fp32); pipeline sends whole tensors (core's "
+        "p2p_communication has no scatter/gather: with --sequence-parallel they are already split)",
     },
     "torchtitan": {
         "attention": "flash",
         "sequence_parallel": "on",
         "overlap_grad_reduce": True,
         "grad_dtype": "fp32",
+        "pipeline_scatter_gather": False,
         "recompute": RECOMPUTE_KINDS,
         "source": "torchtitan 0.3 (pytorch/torchtitan): F.scaled_dot_product_attention "
         "(flash / cuDNN kernels), sequence parallel applied with tensor parallel, FSDP2 "
         "reduce-scatter overlapped with backward, in fp32 (training.mixed_precision_reduce "
-        "defaults to float32)",
+        "defaults to float32); torch.distributed.pipelining sends each stage's output whole",
     },
 }
 
@@ -131,7 +136,7 @@ class TrainingConfig:
     None turns it off. Priced: one pass over the gradients for their norm, a scalar
     all-reduce over every rank, one pass to scale them."""
     stack: str | None = None
-    """A software-stack preset (``STACKS``) setting the four fields below together (a field
+    """A software-stack preset (``STACKS``) setting the five fields below together (a field
     given explicitly wins over the preset) and the recompute kinds the search may choose (a
     recompute pinned in the search wins)."""
     attention: Attention | None = None
@@ -145,6 +150,10 @@ class TrainingConfig:
     """Dtype gradients are accumulated and reduced in (default: ``dtype``). fp32 under bf16
     training doubles gradient memory and data-parallel traffic; Megatron-LM and torchtitan
     do it by default for accuracy."""
+    pipeline_scatter_gather: bool | None = None
+    """A pipeline send of an activation replicated over tensor parallelism goes as 1/tp per
+    rank and is all-gathered over tp on arrival (Megatron-LM 2021-22, SC21 §4.1; default off).
+    Sends already split by sequence parallelism are unchanged."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.global_batch, int) or self.global_batch < 1:
@@ -197,6 +206,10 @@ class TrainingConfig:
             )
         if self.overlap_grad_reduce is not None and not isinstance(self.overlap_grad_reduce, bool):
             raise ConfigError("must be true or false", field="overlap_grad_reduce")
+        if self.pipeline_scatter_gather is not None and not isinstance(
+            self.pipeline_scatter_gather, bool
+        ):
+            raise ConfigError("must be true or false", field="pipeline_scatter_gather")
         if self.grad_dtype is not None and self.grad_dtype not in get_args(Dtype):
             raise ConfigError(
                 f"unknown grad_dtype {self.grad_dtype!r}",
@@ -226,6 +239,11 @@ class TrainingConfig:
     def overlaps_grad_reduce(self) -> bool:
         """Whether dp gradient reduction overlaps backward, after the stack preset."""
         return bool(self._stacked("overlap_grad_reduce", True))
+
+    @property
+    def scatter_gathers_pipeline(self) -> bool:
+        """Whether tp-replicated pipeline sends are split over tp, after the stack preset."""
+        return bool(self._stacked("pipeline_scatter_gather", False))
 
     @property
     def recompute_options(self) -> tuple[str, ...]:

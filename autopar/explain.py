@@ -234,6 +234,7 @@ def render(plan: Plan) -> str:
         f"{stack.attention} attention, sequence parallel {stack.sequence_parallel}, "
         f"grad reduce {'overlapped' if stack.overlap_grad_reduce else 'not overlapped'}"
         f" in {plan.grad_dtype}"
+        + (", pipeline sends scatter/gather over tp" if stack.pipeline_scatter_gather else "")
     )
     lines = [
         f"autopar plan for {plan.model} on {plan.cluster} ({plan.num_devices} devices)",

@@ -631,6 +631,11 @@ def _export_megatron(plan: Plan) -> str:
         args.append(["--sequence-parallel"])
     elif sp:
         notes.append("the plan asks for sequence parallelism with tp=1; Megatron turns it off")
+    if stack.get("pipeline_scatter_gather") and not sp and p.tp > 1 and p.pp > 1:
+        notes.append(
+            "the plan priced pipeline sends split over tp (Megatron-LM 2021-22 scatter/gather); "
+            "Megatron-Core sends them whole without --sequence-parallel: slower sends than priced"
+        )
     attention = stack.get("attention")
     if attention in ("flash", "unfused"):
         args.append(["--attention-backend", attention])

@@ -161,6 +161,8 @@ class Stack:
     """Data-parallel gradient reduction overlapped with backward (DDP buckets / FSDP)."""
     grad_dtype: str | None = None
     """Dtype gradients were priced in (accumulated and reduced); None: the plan's dtype."""
+    pipeline_scatter_gather: bool = False
+    """Pipeline sends replicated over tp priced as 1/tp per rank plus an all-gather over tp."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -920,7 +920,9 @@ def _facts_section(plan: Plan, cluster: Cluster | None) -> _Section:
         ("sequence parallel chosen", "on" if plan.sequence_parallel else "off"),
         ("gradient reduction", "overlapped with backward" if s.overlap_grad_reduce else "exposed"),
         ("gradient dtype", plan.grad_dtype),
-    ]
+        ("pipeline sends", "split over tp, all-gathered on arrival (scatter/gather)"
+         if s.pipeline_scatter_gather else "whole tensors"),
+    ]  # fmt: skip
     pred = plan.predicted
     assumptions = [
         ("model", plan.model + (f"  ({plan.model_spec})" if plan.model_spec else "")),

@@ -127,9 +127,12 @@ class PricingContext:
     """Indices of the block layers (pipeline stages cut between blocks)."""
     optimizer_line: tuple[float, float]
     """(intercept_s, s_per_param) of the optimizer step."""
-    p2p_s: Callable[[Shape, float], float]
-    """Seconds to send one stage boundary's activation (all dp x tp pairs at once)."""
+    p2p_s: Callable[[Shape, float, bool], float]
+    """Seconds to send one stage boundary's activation (all dp x tp pairs at once); the flag
+    asks for the scatter/gather send of a tp-replicated activation."""
     overlap_grad_reduce: bool = True
+    pipeline_scatter_gather: bool = False
+    """Sends replicated over tp (no sequence parallelism) split over tp (Megatron-LM 2021-22)."""
     recompute_options: tuple[str, ...] = RECOMPUTE
     """Recompute kinds searched when none is pinned (the stack's: ``TrainingConfig``)."""
     fixed: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +200,12 @@ class _Base:
     p2p: np.ndarray
 
 
-def _base(ctx: PricingContext, shape: Shape, costs: tuple[LayerCost, ...]) -> _Base:
+def _base(
+    ctx: PricingContext, shape: Shape, costs: tuple[LayerCost, ...], sequence_parallel: bool
+) -> _Base:
+    # without sequence parallelism the hidden state crossing a boundary is replicated over tp
+    split = ctx.pipeline_scatter_gather and not sequence_parallel
+
     def arr(attr: str) -> np.ndarray:
         return np.fromiter((getattr(c, attr) for c in costs), dtype=float, count=len(costs))
 
@@ -216,7 +224,9 @@ def _base(ctx: PricingContext, shape: Shape, costs: tuple[LayerCost, ...]) -> _B
         core_act=arr("core_act_bytes"),
         inp=arr("input_bytes"),
         p2p=np.fromiter(
-            (2.0 * ctx.p2p_s(shape, c.output_bytes) for c in costs), dtype=float, count=len(costs)
+            (2.0 * ctx.p2p_s(shape, c.output_bytes, split) for c in costs),
+            dtype=float,
+            count=len(costs),
         ),
     )
 
@@ -841,7 +851,7 @@ def price_shape(
     n = len(costs)
     blocks = ctx.blocks
     pp = shape.pp
-    base = _base(ctx, shape, costs)
+    base = _base(ctx, shape, costs, sequence_parallel)
     if fixed.get("virtual_stages", 1) > 1:  # chunks per device pinned: interleaved 1F1B
         if pp == 1:
             return []  # model chunks per device need a pipeline
@@ -977,7 +987,13 @@ def stage_details(ctx: PricingContext, p: Priced) -> tuple[list, list, list]:
 
     shape = p.shape
     vec = _vectors(
-        ctx, _base(ctx, shape, p.costs), shape.dp, p.recompute, p.zero, p.offload, p.microbatches
+        ctx,
+        _base(ctx, shape, p.costs, p.sequence_parallel),
+        shape.dp,
+        p.recompute,
+        p.zero,
+        p.offload,
+        p.microbatches,
     )
     owner = np.asarray(p.stages)
     pp = shape.pp

@@ -291,21 +291,30 @@ class _Context:
         self.tied_cache[key] = total
         return total
 
-    def p2p_s(self, shape: Shape, nbytes: float) -> float:
-        """Send of one stage boundary's activation (all dp x tp pairs at once)."""
+    def p2p_s(self, shape: Shape, nbytes: float, split: bool = False) -> float:
+        """Send of one stage boundary's activation (all dp x tp pairs at once). ``split``:
+        Megatron-LM's scatter/gather (SC21 §4.1): each tp rank sends 1/tp of the replicated
+        activation and the receiving stage all-gathers it over its tp group."""
         from autopar.cost.collectives import collective_time_s
 
         if shape.pp == 1 or nbytes <= 0:
             return 0.0
-        key = (shape.pp, shape.dp, shape.tp, nbytes)
+        split = split and shape.tp > 1
+        key = (shape.pp, shape.dp, shape.tp, nbytes, split)
         hit = self.p2p_cache.get(key)
         if hit is None:
             size = shape.dp * shape.tp
+            sent = nbytes / shape.tp if split else nbytes
+
+            def boundary(s: int) -> float:
+                t = collective_time_s("p2p", sent, (s * size, (s + 1) * size), self.cluster)
+                if split:
+                    tp_group = tuple(range((s + 1) * size, (s + 1) * size + shape.tp))
+                    t += collective_time_s("all_gather", nbytes, tp_group, self.cluster)
+                return t
+
             # every boundary is priced on the ranks it joins and the slowest one is kept
-            hit = max(
-                collective_time_s("p2p", nbytes, (s * size, (s + 1) * size), self.cluster)
-                for s in range(shape.pp - 1)
-            )
+            hit = max(boundary(s) for s in range(shape.pp - 1))
             self.p2p_cache[key] = hit
         return hit
 
@@ -591,6 +600,7 @@ def _search(
         optimizer_line=_optimizer_line(cluster, config),
         p2p_s=ctx.p2p_s,
         overlap_grad_reduce=config.overlaps_grad_reduce,
+        pipeline_scatter_gather=config.scatter_gathers_pipeline,
         recompute_options=config.recompute_options,
         fixed=fixed,
         optimizer_state_bytes=float(config.optimizer_state_bytes),
@@ -1086,6 +1096,7 @@ def _build_plan(
             sequence_parallel=cfg.sequence_parallel_mode,
             overlap_grad_reduce=cfg.overlaps_grad_reduce,
             grad_dtype=cfg.grad_dtype_name,
+            pipeline_scatter_gather=cfg.scatter_gathers_pipeline,
         ),
         parallel=win.parallel,
         mesh=Mesh(shape=(shape.pp, shape.dp, shape.tp), dim_names=("pp", "dp", "tp")),

@@ -10,7 +10,7 @@ EXPECTED = {
     "plan": {
         "model", "--cluster", "--nodes", "--global-batch", "--seq", "--example-inputs", "--dtype",
         "--optimizer", "--stack", "--attention", "--sequence-parallel", "--overlap-grad-reduce",
-        "--grad-dtype",
+        "--grad-dtype", "--pipeline-scatter-gather",
         "--top", "--json", "--time-limit", "--emit", "--dp", "--tp", "--pp", "--microbatches",
         "--micro-batch-size", "--recompute", "--zero", "--schedule", "--virtual-stages", "--quiet",
         "--offload",
