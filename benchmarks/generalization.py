@@ -17,8 +17,10 @@ How a row is priced: through the CLI's entry point (``benchmarks/cli_pricing.py`
 only. The row's software stack: ``--attention`` from ``attention_kernel`` (``unfused``: the
 score tensor materialised, Megatron-LM / Megatron-DeepSpeed 2021-22; ``fused``: FlashAttention,
 ``--attention flash``), ``--sequence-parallel on|off`` from ``sequence_parallel`` and
-``--overlap-grad-reduce on|off`` from ``overlap_grad_reduce`` and ``--grad-dtype`` from
-``grad_dtype`` where the source states them. Its
+``--overlap-grad-reduce on|off`` from ``overlap_grad_reduce``, ``--grad-dtype`` from
+``grad_dtype`` and ``--pipeline-scatter-gather on|off`` from ``pipeline_scatter_gather`` (the
+framework's pipeline sends: Megatron-LM's split over tp, or DeepSpeed's whole) where the source
+states them or its framework fixes them. Its
 published degrees: ``--tp --pp --dp --micro-batch-size --schedule --virtual-stages --recompute
 --zero``. What is not published is left to the search, the same rule for every row. If the CLI
 cannot form the published configuration, pins are released in a fixed order (chunks per device,
@@ -98,6 +100,8 @@ def stack_flags(row: dict[str, str]) -> list[str]:
         flags += ["--overlap-grad-reduce", ON_OFF[row["overlap_grad_reduce"]]]
     if row["grad_dtype"]:
         flags += ["--grad-dtype", row["grad_dtype"]]
+    if row["pipeline_scatter_gather"]:
+        flags += ["--pipeline-scatter-gather", ON_OFF[row["pipeline_scatter_gather"]]]
     return flags
 
 

@@ -40,9 +40,11 @@ def _tflops(dev, m, n, k, dtype="bf16"):
 
 # -- GEMM ------------------------------------------------------------------------------------
 def test_large_bf16_gemm_stays_under_the_published_maximum(a100, h100):
-    # stas00/ml-engineering MAMF: the best A100-SXM shape reaches 271.2 TFLOP/s (86.9 %),
-    # H100-SXM 794.5 (80.3 %); a large square GEMM gets close but never above
-    assert 0.80 * 312 <= _tflops(a100, 8192, 8192, 8192) <= 271.2
+    # stas00/ml-engineering MAMF: the best A100-SXM shape reaches 271.2 TFLOP/s (86.9 %) in a
+    # burst, H100-SXM 794.5 (80.3 %); a large square GEMM gets close but never above. On random
+    # data under the power limit an A100 sustains 258 at 8192^3 (the profile's fitted row)
+    assert _tflops(a100, 8192, 8192, 8192) == pytest.approx(258, rel=0.01)
+    assert _tflops(a100, 8192, 8192, 8192) <= 271.2
     assert 0.75 * 989 <= _tflops(h100, 8192, 8192, 8192) <= 794.5 * 1.02
 
 

@@ -46,7 +46,7 @@ def test_units_are_converted_once_to_si():
     assert a.memory_bandwidth_bytes_per_s == 2039e9
     assert a.launch_overhead_s == pytest.approx(2.3e-6) and a.host_overhead_s == pytest.approx(5e-6)
     assert a.sm_count == 108 and a.gemm_tile == (128, 128) and a.host_overlap
-    assert a.gemm_fraction("bfloat16") == pytest.approx(0.885)
+    assert a.gemm_fraction("bfloat16") == pytest.approx(0.854)
     assert a.achieved_memory_bandwidth_bytes_per_s == pytest.approx(2039e9 * 0.89)
     hdr = load_link_profile("ib-hdr-200")
     assert hdr.bandwidth_bytes_per_s == 25e9 and hdr.latency_s == pytest.approx(1e-6)

@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 GPU_TILES = ((64, 64), (128, 64), (128, 128), (256, 128))
 #: what each device's fit may choose, and what is held fixed (the README says why)
 SETTINGS: dict[str, dict] = {
-    # one published A100-SXM GEMM point (MAMF): tile and k_half are assumptions
+    # one sustained A100-SXM GEMM point (the MAMF best shape is a check): tile and k_half are
+    # assumptions
     "a100-sxm4-80gb": dict(tiles=((128, 128),), k_halves=(256,), flash="flash2"),
     "h100-sxm5-80gb": dict(tiles=GPU_TILES, k_halves=None, flash="flash3"),
     # RTX 4090: one sequence length for attention, so kv_half is the FA2 value fitted on H100
@@ -40,16 +41,24 @@ SETTINGS: dict[str, dict] = {
 MAMF_SQUARES = (4096, 8192, 16384)
 
 
-def _gemm_rows(device: str) -> list[KernelTiming]:
+def _gemm_rows(device: str, use: str = "fit") -> list[KernelTiming]:
+    """The device's GEMM rows marked ``use`` (``fit``: fitted; ``check``: only compared)."""
     out = []
     with open(HERE / "published_gemm.csv") as f:
         for r in csv.DictReader(f):
-            if r["device"] != device:
+            if r["device"] != device or r["use"] != use:
                 continue
             m, n, k = int(r["m"]), int(r["n"]), int(r["k"])
             secs = 2.0 * m * n * k / (float(r["tflops"]) * 1e12)
             out.append(KernelTiming(kind="gemm", dtype=r["dtype"], seconds=secs, m=m, n=n, k=k))
     return out
+
+
+def _mamf_shapes(device: str) -> set[tuple[int, int, int]]:
+    """Shapes of the device's best-over-shapes (MAMF) figures."""
+    with open(HERE / "published_gemm.csv") as f:
+        return {(int(r["m"]), int(r["n"]), int(r["k"])) for r in csv.DictReader(f)
+                if r["device"] == device and "MAMF" in r["source"]}  # fmt: skip
 
 
 def _attention_rows(device: str, kernel: str) -> tuple[list[KernelTiming], list[KernelTiming]]:
@@ -70,12 +79,13 @@ def _attention_rows(device: str, kernel: str) -> tuple[list[KernelTiming], list[
     return fit, check
 
 
-def _report(device: str, base, fit, rows, checks) -> None:
+def _report(device: str, base, fit, rows, checks, calibrated: bool = True) -> None:
     cal = fit.calibration
     # kernel-only figures: no launch/host overhead in the comparison
     fitted = replace(
-        apply_compute_calibration(base, cal), launch_overhead_s=0.0, host_overhead_s=0.0
-    )
+        apply_compute_calibration(base, cal) if calibrated else base,
+        launch_overhead_s=0.0, host_overhead_s=0.0,
+    )  # fmt: skip
     for c in fit.capped:
         print(f"  capped at 1 (above the datasheet): {c}")
     for t in rows + checks:
@@ -108,7 +118,7 @@ def fit_device(device: str, *, kernel: str | None = None) -> None:
     if kernel is None:
         rows = _gemm_rows(device)
         half = [r for r in rows if r.dtype in ("bf16", "fp16")]
-        mamf = len({(r.m, r.n, r.k) for r in half}) == 1
+        mamf = bool(half) and all((r.m, r.n, r.k) in _mamf_shapes(device) for r in half)
         fit = fit_compute(
             half, base=base, fit_overhead=False, tiles=cfg["tiles"],
             k_halves=cfg["k_halves"] or (0, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
@@ -133,6 +143,10 @@ def fit_device(device: str, *, kernel: str | None = None) -> None:
             fractions.update(f2.calibration.gemm_fractions)
             _report(device, shaped, f2, mine, [])
         print("  gemm_peak_fraction " + ", ".join(f"{d}: {f:.3f}" for d, f in fractions.items()))
+        checks = _gemm_rows(device, "check")
+        if checks:
+            final = replace(shaped, gemm_fractions=tuple(fractions.items()))
+            _report(device, final, fit, [], checks, calibrated=False)
     if flash:
         att, checks = _attention_rows(device, flash)
         fit = fit_compute(
