@@ -44,8 +44,9 @@ STACKS: dict[str, dict[str, object]] = {
         "attention materialises the score tensor (fused scale-mask-softmax kernel, no "
         "FlashAttention), no sequence parallelism and no selective recompute (both added in "
         "2022, Korthikanti et al., arXiv 2205.05198), data-parallel gradient all-reduce after "
-        "the pipeline flush, gradients in the fp16 training dtype, and each pipeline send split over the "
-        "tensor-parallel ranks and all-gathered over NVLink on arrival (§4.1, scatter/gather)",
+        "the pipeline flush, gradients in the fp16 training dtype, and each pipeline send "
+        "split over the tensor-parallel ranks and all-gathered over NVLink on arrival (§4.1, "
+        "scatter/gather)",
     },
     "megatron-core": {
         "attention": "flash",
@@ -59,7 +60,8 @@ STACKS: dict[str, dict[str, object]] = {
         "--overlap-param-gather with --use-distributed-optimizer; with --bf16 gradients are "
         "accumulated and reduced in fp32 main-grad buffers (megatron/training/arguments.py "
         "turns on --accumulate-allreduce-grads-in-fp32); pipeline sends whole tensors (core's "
-        "p2p_communication has no scatter/gather: with --sequence-parallel they are already split)",
+        "p2p_communication has no scatter/gather: with --sequence-parallel they are already "
+        "split)",
     },
     "torchtitan": {
         "attention": "flash",

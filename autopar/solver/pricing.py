@@ -9,11 +9,12 @@ what recompute re-runs (full: the forward and its tp collectives; selective: the
 found by its ops), activation bytes kept, gradient synchronisation and ZeRO-3 gathers. A
 stage's latency is the sum over its layers plus the point-to-point send of its output
 (activation forward, gradient backward; with ``pipeline_scatter_gather`` a send replicated over
-tp goes as 1/tp per rank plus an all-gather over the receiving tp group, Megatron-LM 2021-22). The pipeline takes ``Σ t_s + (M - 1) · max t_s``
-(GPipe / 1F1B) or ``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved; ``t_s`` sums all chunks
-rank s holds). Gradient synchronisation over dp runs once per step; with overlap it hides behind
-the last microbatch's backward on each stage (DDP buckets / FSDP reduce-scatter), without it is
-all exposed. Gradients left partial over tp are all-reduced once per step too (before the
+tp goes as 1/tp per rank plus an all-gather over the receiving tp group, Megatron-LM 2021-22).
+The pipeline takes ``Σ t_s + (M - 1) · max t_s`` (GPipe / 1F1B) or
+``(1/v) Σ t_s + (M - 1/v) · max t_s`` (interleaved; ``t_s`` sums all chunks rank s holds).
+Gradient synchronisation over dp runs once per step; with overlap it hides behind the last
+microbatch's backward on each stage (DDP buckets / FSDP reduce-scatter), without it is all
+exposed. Gradients left partial over tp are all-reduced once per step too (before the
 optimizer). ZeRO-3 gathers weights for every use and reduce-scatters gradients per microbatch,
 prefetched behind compute: each layer costs ``max(compute, gathers)``. The optimizer update
 streams weights, gradients and optimizer state through HBM once.

@@ -118,7 +118,8 @@ def fit_device(device: str, *, kernel: str | None = None) -> None:
     if kernel is None:
         rows = _gemm_rows(device)
         half = [r for r in rows if r.dtype in ("bf16", "fp16")]
-        mamf = bool(half) and all((r.m, r.n, r.k) in _mamf_shapes(device) for r in half)
+        best = _mamf_shapes(device)
+        mamf = bool(half) and all((r.m, r.n, r.k) in best for r in half)
         fit = fit_compute(
             half, base=base, fit_overhead=False, tiles=cfg["tiles"],
             k_halves=cfg["k_halves"] or (0, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
